@@ -1,0 +1,165 @@
+"""Engines, sessions and migrations for the results database.
+
+Callers pass the URL (the CLI and flows read it from settings); nothing here reads the
+environment. Typical use::
+
+    engine = connect(url)                     # engine + migrations on first use
+    Session = session_factory(engine)
+    with Session.begin() as session:          # one transaction, committed on exit
+        run_id = writes.start_run(session, kind="nightly", ...)
+
+SQLite gets WAL, foreign keys, a busy timeout and transactions that start with
+``BEGIN IMMEDIATE`` (so that concurrent writers wait for each other instead of failing with
+"database is locked" half-way through). Read-only work can ask for a deferred ``BEGIN`` with
+``connection.execution_options(sqlite_begin="DEFERRED")``. PostgreSQL uses psycopg 3,
+``pool_pre_ping`` and sessions in UTC.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+ROLES_SQL = Path(__file__).resolve().parent / "roles.sql"
+SQLITE_BUSY_TIMEOUT_S = 60.0
+# pg_advisory_xact_lock key that serialises concurrent first-use migrations ("cxr-scrn").
+_MIGRATION_LOCK_KEY = 0x6378722D7363726E
+
+
+def normalize_url(url: str) -> sa.URL:
+    """Parse a URL; plain ``postgresql://`` means psycopg 3 (the only driver installed)."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ValueError(
+            f"database URL scheme {parsed.drivername!r} is not supported; "
+            "use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
+        )
+    return parsed
+
+
+def get_engine(url: str | sa.URL, **engine_kwargs) -> Engine:
+    """An engine configured for this project's use of SQLite or PostgreSQL."""
+    parsed = normalize_url(str(url) if isinstance(url, sa.URL) else url)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_S, **engine_kwargs.pop("connect_args", {})}
+        engine = sa.create_engine(parsed, connect_args=connect_args, **engine_kwargs)
+        _configure_sqlite(engine)
+        return engine
+    connect_args = {"options": "-c timezone=UTC", **engine_kwargs.pop("connect_args", {})}
+    engine_kwargs.setdefault("pool_pre_ping", True)
+    return sa.create_engine(parsed, connect_args=connect_args, **engine_kwargs)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:
+        # SQLAlchemy emits BEGIN itself (below); sqlite3's implicit transactions are off.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        finally:
+            cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(connection) -> None:
+        mode = connection.get_execution_options().get("sqlite_begin", "IMMEDIATE")
+        if mode not in ("IMMEDIATE", "DEFERRED", "EXCLUSIVE"):
+            raise ValueError(f"sqlite_begin {mode!r} is not one of IMMEDIATE, DEFERRED, EXCLUSIVE")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for ``with Session.begin() as session:`` blocks (objects stay usable after)."""
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def alembic_config() -> Config:
+    """An Alembic config pointing at this package's migrations (no ini file needed)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return cfg
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if head is None:
+        raise RuntimeError(f"no Alembic revisions found under {MIGRATIONS_DIR}")
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The database's Alembic revision, or None for an empty database."""
+    with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(url_or_engine: str | Engine, revision: str = "head") -> None:
+    """Run the migrations up to ``revision`` in one transaction (both databases).
+
+    On PostgreSQL an advisory lock makes concurrent first-use upgrades wait for each other.
+    """
+    engine = get_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
+    try:
+        with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK_KEY)))
+            cfg = alembic_config()
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+    finally:
+        if isinstance(url_or_engine, str):
+            engine.dispose()
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Upgrade to head if the database is behind; refuse a database from a newer version."""
+    current = current_revision(engine)
+    head = head_revision()
+    if current == head:
+        return
+    known = {s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+    if current is not None and current not in known:
+        raise RuntimeError(
+            f"the database is at Alembic revision {current!r}, which this version of cxr-screen "
+            f"does not know (its head is {head!r}); upgrade cxr-screen instead"
+        )
+    upgrade(engine)
+
+
+def connect(url: str) -> Engine:
+    """An engine whose database is migrated to the current schema (first use creates it)."""
+    engine = get_engine(url)
+    ensure_schema(engine)
+    return engine
+
+
+def apply_reviewer_role(engine: Engine) -> None:
+    """Create or refresh the read-only ``cxr_reviewer`` role from ``sql/roles.sql``.
+
+    PostgreSQL only; needs a user allowed to create roles. Run after ``upgrade``.
+    """
+    if engine.dialect.name != "postgresql":
+        raise ValueError(
+            f"reviewer roles need PostgreSQL; this database is {engine.dialect.name} "
+            "(SQLite has no users: protect the file with file permissions instead)"
+        )
+    # Straight to psycopg without parameters: the script's '%' and '$' are not placeholders.
+    with engine.begin() as conn, conn.connection.dbapi_connection.cursor() as cursor:
+        cursor.execute(ROLES_SQL.read_text())

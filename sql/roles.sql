@@ -1,0 +1,37 @@
+-- PostgreSQL: the read-only reviewer role for radiologists, analysts and BI tools.
+--
+-- cxr_reviewer (NOLOGIN: grant it to login roles, e.g. `GRANT cxr_reviewer TO alice;`) can
+-- read every contract view (v_*) and append reviews, and nothing else: no base table reads
+-- (instances hold header facts, runs hold parameters), no updates or deletes anywhere.
+-- Views run with their owner's rights, so SELECT on a view does not open its base tables.
+--
+-- Idempotent; run after the migrations (and again after a migration adds a view), as a
+-- user allowed to create roles: `psql -d DB -f sql/roles.sql` or sql.db.apply_reviewer_role.
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'cxr_reviewer') THEN
+        CREATE ROLE cxr_reviewer NOLOGIN;
+    END IF;
+END
+$roles$;
+
+REVOKE ALL ON ALL TABLES IN SCHEMA public FROM cxr_reviewer;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM cxr_reviewer;
+GRANT USAGE ON SCHEMA public TO cxr_reviewer;
+
+DO $grants$
+DECLARE
+    view_name text;
+BEGIN
+    FOR view_name IN
+        SELECT viewname FROM pg_views
+        WHERE schemaname = 'public' AND viewname LIKE 'v\_%'
+    LOOP
+        EXECUTE format('GRANT SELECT ON %I TO cxr_reviewer', view_name);
+    END LOOP;
+END
+$grants$;
+
+-- Reviews are append-only for reviewers: INSERT of the review columns only (the id and
+-- created_at come from their defaults). Reading reviews goes through v_latest_reviews.
+GRANT INSERT (study_instance_uid, model_id, decision, reviewer, note) ON reviews TO cxr_reviewer;

@@ -1,0 +1,303 @@
+"""The results schema: one SQLAlchemy metadata for SQLite and PostgreSQL.
+
+Keys are DICOM UIDs plus the model (one ``models`` row is one model version). All timestamps
+are UTC: ``timestamptz`` on PostgreSQL, ISO text (``YYYY-MM-DD HH:MM:SS.ffffff``) on SQLite.
+Patient identifiers are never stored: ``patient_id_hash`` holds a keyed hash (64 hex digits).
+
+The migrations in ``sql/migrations`` create exactly this schema (``alembic check`` proves it);
+change both together.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+RUN_KINDS = ("nightly", "reprocess", "train", "demo")
+RUN_STATUSES = ("running", "completed", "failed")
+OUTCOMES = ("predicted", "skipped", "failed")
+DECISIONS = ("agree", "disagree", "uncertain")
+AGGREGATIONS = ("max", "mean")
+
+# JSONB on PostgreSQL (comparable with IS DISTINCT FROM, indexable), JSON text on SQLite.
+JSONType = postgresql.JSONB().with_variant(sa.JSON(), "sqlite")
+
+
+class UtcDateTime(sa.TypeDecorator):
+    """A timezone-aware UTC datetime on both databases.
+
+    Binds: aware datetimes are converted to UTC, naive ones are rejected (their zone is
+    unknown). Results: always aware UTC (SQLite gives back naive text, read as UTC).
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, dt.datetime):
+            raise TypeError(f"expected a datetime, got {type(value).__name__} {value!r}")
+        if value.tzinfo is None:
+            raise ValueError(
+                f"datetime {value.isoformat()} has no time zone; pass an aware UTC value"
+            )
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {  # noqa: RUF012 - SQLAlchemy reads it as a class attribute
+        dt.datetime: UtcDateTime(),
+        dict[str, Any]: JSONType,
+        list[Any]: JSONType,
+        str: sa.Text(),
+        float: sa.Double(),
+    }
+
+
+class Model(Base):
+    """One model version: a checkpoint file, identified by its sha256."""
+
+    __tablename__ = "models"
+    __table_args__ = (
+        sa.UniqueConstraint("sha256"),
+        sa.UniqueConstraint("name", "version"),
+        sa.CheckConstraint("threshold >= 0 AND threshold <= 1", name="threshold_range"),
+    )
+
+    model_id: Mapped[int] = mapped_column(sa.Integer, sa.Identity(), primary_key=True)
+    name: Mapped[str]
+    version: Mapped[str]
+    sha256: Mapped[str]
+    format: Mapped[str | None]
+    architecture: Mapped[str]
+    arch_kwargs: Mapped[dict[str, Any]]
+    class_names: Mapped[list[Any]]
+    positive_class: Mapped[str]
+    threshold: Mapped[float]
+    input_size: Mapped[int]
+    preprocessing: Mapped[dict[str, Any]]
+    preprocessing_sha256: Mapped[str]
+    metrics: Mapped[dict[str, Any]]
+    provenance: Mapped[dict[str, Any]]
+    notes: Mapped[str | None]
+    checkpoint_metadata: Mapped[dict[str, Any]]  # the full metadata as registered
+    created_at: Mapped[dt.datetime] = mapped_column(server_default=sa.func.now())
+
+
+class Run(Base):
+    """One pipeline run (nightly, reprocess, train, demo) and its outcome counts."""
+
+    __tablename__ = "runs"
+    __table_args__ = (
+        sa.CheckConstraint(_in("kind", RUN_KINDS), name="kind"),
+        sa.CheckConstraint(_in("status", RUN_STATUSES), name="status"),
+        sa.CheckConstraint(
+            "files_seen >= 0 AND predicted >= 0 AND skipped >= 0 AND failed >= 0",
+            name="counts_non_negative",
+        ),
+        sa.Index(None, "started_at"),
+    )
+
+    run_id: Mapped[int] = mapped_column(sa.Integer, sa.Identity(), primary_key=True)
+    kind: Mapped[str]
+    source: Mapped[str | None]
+    parameters: Mapped[dict[str, Any]]
+    selection_policy: Mapped[dict[str, Any]]
+    model_id: Mapped[int | None] = mapped_column(sa.ForeignKey("models.model_id"), index=True)
+    status: Mapped[str]
+    files_seen: Mapped[int] = mapped_column(server_default="0")
+    predicted: Mapped[int] = mapped_column(server_default="0")
+    skipped: Mapped[int] = mapped_column(server_default="0")
+    failed: Mapped[int] = mapped_column(server_default="0")
+    started_at: Mapped[dt.datetime]
+    finished_at: Mapped[dt.datetime | None]
+    prefect_flow_run_id: Mapped[str | None]
+    error: Mapped[str | None]
+
+
+class Study(Base):
+    """Study-level header facts, from the first instance seen (missing facts filled later)."""
+
+    __tablename__ = "studies"
+
+    study_instance_uid: Mapped[str] = mapped_column(primary_key=True)
+    accession_number: Mapped[str | None] = mapped_column(index=True)
+    study_date: Mapped[dt.date | None] = mapped_column(index=True)
+    patient_id_hash: Mapped[str | None] = mapped_column(index=True)
+    first_seen_run_id: Mapped[int | None] = mapped_column(sa.ForeignKey("runs.run_id"))
+    created_at: Mapped[dt.datetime] = mapped_column(server_default=sa.func.now())
+
+
+class Instance(Base):
+    """One SOP instance (image) with its header facts and the hash of its file's bytes."""
+
+    __tablename__ = "instances"
+
+    sop_instance_uid: Mapped[str] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(index=True)
+    series_instance_uid: Mapped[str | None]
+    modality: Mapped[str | None]
+    body_part: Mapped[str | None]
+    view_position: Mapped[str | None]
+    photometric_interpretation: Mapped[str | None]
+    rows: Mapped[int | None]
+    columns: Mapped[int | None]
+    bits_stored: Mapped[int | None]
+    pixel_representation: Mapped[int | None]
+    number_of_frames: Mapped[int | None]
+    transfer_syntax_uid: Mapped[str | None]
+    study_date: Mapped[dt.date | None]
+    accession_number: Mapped[str | None]
+    patient_id_hash: Mapped[str | None]
+    content_sha256: Mapped[str]
+    source_uri: Mapped[str]  # where it was first seen
+    first_seen_run_id: Mapped[int | None] = mapped_column(sa.ForeignKey("runs.run_id"))
+    created_at: Mapped[dt.datetime] = mapped_column(server_default=sa.func.now())
+
+
+class FileOutcome(Base):
+    """What happened to one source file for one model version: predicted, skipped or failed."""
+
+    __tablename__ = "file_outcomes"
+    __table_args__ = (
+        sa.CheckConstraint(_in("outcome", OUTCOMES), name="outcome"),
+        sa.CheckConstraint("outcome = 'predicted' OR reason IS NOT NULL", name="reason_required"),
+        sa.Index(None, "model_id", "outcome"),
+    )
+
+    source_uri: Mapped[str] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(sa.ForeignKey("models.model_id"), primary_key=True)
+    sop_instance_uid: Mapped[str | None] = mapped_column(index=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(index=True)
+    content_sha256: Mapped[str | None]
+    outcome: Mapped[str]
+    reason: Mapped[str | None]
+    facts: Mapped[dict[str, Any]]
+    thumbnail_path: Mapped[str | None]
+    run_id: Mapped[int] = mapped_column(sa.ForeignKey("runs.run_id"), index=True)
+    updated_at: Mapped[dt.datetime]
+
+
+class ImagePrediction(Base):
+    """The positive-class probability of one image under one model version."""
+
+    __tablename__ = "image_predictions"
+    __table_args__ = (
+        sa.CheckConstraint("score >= 0 AND score <= 1", name="score_range"),
+        sa.Index(None, "model_id", "study_instance_uid"),
+        sa.Index(None, "study_instance_uid"),
+    )
+
+    sop_instance_uid: Mapped[str] = mapped_column(
+        sa.ForeignKey("instances.sop_instance_uid"), primary_key=True
+    )
+    model_id: Mapped[int] = mapped_column(sa.ForeignKey("models.model_id"), primary_key=True)
+    study_instance_uid: Mapped[str]
+    score: Mapped[float]
+    label: Mapped[bool]
+    threshold: Mapped[float]
+    preprocessing_sha256: Mapped[str]
+    run_id: Mapped[int] = mapped_column(sa.ForeignKey("runs.run_id"), index=True)
+    predicted_at: Mapped[dt.datetime]
+
+
+class StudyPrediction(Base):
+    """One study's aggregated prediction under one model version."""
+
+    __tablename__ = "study_predictions"
+    __table_args__ = (
+        sa.CheckConstraint(_in("aggregation", AGGREGATIONS), name="aggregation"),
+        sa.CheckConstraint("score >= 0 AND score <= 1", name="score_range"),
+        sa.CheckConstraint("n_images > 0", name="n_images_positive"),
+        sa.Index(None, "model_id", "label", "score"),
+        sa.Index(None, "predicted_at"),
+    )
+
+    study_instance_uid: Mapped[str] = mapped_column(
+        sa.ForeignKey("studies.study_instance_uid"), primary_key=True
+    )
+    model_id: Mapped[int] = mapped_column(sa.ForeignKey("models.model_id"), primary_key=True)
+    aggregation: Mapped[str]
+    n_images: Mapped[int]
+    score: Mapped[float]
+    label: Mapped[bool]
+    threshold: Mapped[float]
+    run_id: Mapped[int] = mapped_column(sa.ForeignKey("runs.run_id"), index=True)
+    predicted_at: Mapped[dt.datetime]
+
+
+class Review(Base):
+    """A reviewer's decision on a study (append-only; the latest per study counts)."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (
+        sa.CheckConstraint(_in("decision", DECISIONS), name="decision"),
+        sa.Index(None, "study_instance_uid", "created_at"),
+    )
+
+    review_id: Mapped[int] = mapped_column(sa.Integer, sa.Identity(), primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(sa.ForeignKey("studies.study_instance_uid"))
+    model_id: Mapped[int | None] = mapped_column(sa.ForeignKey("models.model_id"))
+    decision: Mapped[str]
+    reviewer: Mapped[str]
+    note: Mapped[str | None]
+    created_at: Mapped[dt.datetime] = mapped_column(server_default=sa.func.now())
+
+
+class UidConflict(Base):
+    """A file whose SOP Instance UID was already stored with different content (not merged)."""
+
+    __tablename__ = "uid_conflicts"
+    __table_args__ = (
+        sa.UniqueConstraint("sop_instance_uid", "new_source_uri", "new_content_sha256"),
+    )
+
+    conflict_id: Mapped[int] = mapped_column(sa.Integer, sa.Identity(), primary_key=True)
+    sop_instance_uid: Mapped[str]
+    existing_source_uri: Mapped[str]
+    existing_content_sha256: Mapped[str]
+    new_source_uri: Mapped[str]
+    new_content_sha256: Mapped[str]
+    run_id: Mapped[int] = mapped_column(sa.ForeignKey("runs.run_id"), index=True)
+    detected_at: Mapped[dt.datetime]
+
+
+class Watermark(Base):
+    """A named high-water mark (e.g. what the last successful nightly run picked up)."""
+
+    __tablename__ = "watermarks"
+
+    name: Mapped[str] = mapped_column(primary_key=True)
+    value: Mapped[dt.datetime]
+    detail: Mapped[dict[str, Any]]
+    run_id: Mapped[int | None] = mapped_column(sa.ForeignKey("runs.run_id"))
+    updated_at: Mapped[dt.datetime]
+
+
+metadata = Base.metadata

@@ -1,0 +1,967 @@
+"""Idempotent writes: models, runs, shards of file outcomes and predictions, reviews, watermarks.
+
+Every function takes a ``Session`` whose transaction the caller owns::
+
+    with Session.begin() as session:        # one transaction per shard
+        result = write_shard(session, run_id=..., model_id=..., instances=..., outcomes=...,
+                             predictions=..., force=False)
+
+Every row write is an ``INSERT ... ON CONFLICT`` keyed by DICOM UIDs (or the source URI) plus
+the model version. Without ``force`` a conflicting row is only updated when a value actually
+differs, so writing the same shard twice leaves every row (``run_id`` and timestamps included)
+unchanged; with ``force`` rows are overwritten in place (same keys, same row count). Rows in
+each statement are sorted by key so that concurrent writers lock rows in the same order and do
+not deadlock. On PostgreSQL, batches of ``COPY_THRESHOLD`` rows or more go through ``COPY``
+into a temporary staging table and one ``INSERT ... SELECT ... ON CONFLICT``.
+
+All timestamps are timezone-aware UTC datetimes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import re
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from sql.schema import (
+    AGGREGATIONS,
+    DECISIONS,
+    OUTCOMES,
+    RUN_KINDS,
+    FileOutcome,
+    ImagePrediction,
+    Instance,
+    Model,
+    Review,
+    Run,
+    Study,
+    StudyPrediction,
+    UidConflict,
+    Watermark,
+)
+
+COPY_THRESHOLD = 2000  # rows; PostgreSQL batches at least this big use COPY + staging table
+_IN_CHUNK = 500  # values per IN (...) list
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+# --- the dicts write_shard expects ------------------------------------------------------------
+
+#: One dict per file whose header was read. Required: sop_instance_uid, study_instance_uid,
+#: source_uri, content_sha256 (sha256 hex of the file's bytes). ``study_date`` is a
+#: ``datetime.date`` or a DICOM DA string (YYYYMMDD); ``patient_id_hash`` is a keyed hash
+#: (64 hex digits) and never a raw ID. Unknown keys are rejected (catches raw PHI and typos).
+INSTANCE_KEYS = {
+    "sop_instance_uid": True,
+    "study_instance_uid": True,
+    "source_uri": True,
+    "content_sha256": True,
+    "series_instance_uid": False,
+    "modality": False,
+    "body_part": False,
+    "view_position": False,
+    "photometric_interpretation": False,
+    "rows": False,
+    "columns": False,
+    "bits_stored": False,
+    "pixel_representation": False,
+    "number_of_frames": False,
+    "transfer_syntax_uid": False,
+    "study_date": False,
+    "accession_number": False,
+    "patient_id_hash": False,
+}
+#: One dict per source file (every file seen ends in exactly one). Required: source_uri,
+#: outcome (predicted | skipped | failed); reason is required unless predicted. Optional:
+#: sop_instance_uid / study_instance_uid (None when the file failed before they were read),
+#: content_sha256 (taken from the file's instance dict when absent), facts (JSON-able dict of
+#: preprocessing facts), thumbnail_path.
+OUTCOME_KEYS = {
+    "source_uri": True,
+    "outcome": True,
+    "reason": False,
+    "sop_instance_uid": False,
+    "study_instance_uid": False,
+    "content_sha256": False,
+    "facts": False,
+    "thumbnail_path": False,
+}
+#: One dict per predicted file. Required: source_uri (the file it came from), sop_instance_uid,
+#: score (positive-class probability in [0, 1]), label (bool), threshold, preprocessing_sha256.
+#: study_instance_uid is taken from the stored instance when absent.
+PREDICTION_KEYS = {
+    "source_uri": True,
+    "sop_instance_uid": True,
+    "score": True,
+    "label": True,
+    "threshold": True,
+    "preprocessing_sha256": True,
+    "study_instance_uid": False,
+}
+RUN_COUNT_KEYS = ("files_seen", "predicted", "skipped", "failed")
+MODEL_METADATA_REQUIRED = (
+    "name",
+    "version",
+    "architecture",
+    "class_names",
+    "positive_class",
+    "threshold",
+    "input_size",
+    "preprocessing",
+    "preprocessing_sha256",
+)
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What ``write_shard`` stored.
+
+    outcome_counts: files per final outcome (a UID conflict turns a file into ``failed``).
+    conflicts: one dict per file whose SOP Instance UID was already stored with other content.
+    study_uids: studies with a prediction in this shard (feed to ``upsert_study_predictions``).
+    """
+
+    outcome_counts: dict[str, int]
+    conflicts: tuple[dict[str, str], ...]
+    predictions_written: int
+    study_uids: frozenset[str]
+
+
+@dataclass(frozen=True)
+class WatermarkValue:
+    name: str
+    value: dt.datetime
+    detail: dict[str, Any]
+    run_id: int | None
+    updated_at: dt.datetime
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _check_keys(kind: str, ident: str, row: Mapping[str, Any], spec: Mapping[str, bool]) -> None:
+    unknown = sorted(set(row) - set(spec))
+    if unknown:
+        raise ValueError(
+            f"{kind} dict for {ident} has unknown key(s) {', '.join(unknown)}; "
+            f"allowed: {', '.join(spec)}"
+        )
+    missing = [k for k, required in spec.items() if required and row.get(k) in (None, "")]
+    if missing:
+        raise ValueError(f"{kind} dict for {ident} lacks required key(s) {', '.join(missing)}")
+
+
+def _check_sha256(what: str, value: Any) -> str:
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        shown = (
+            f"{value!r}" if isinstance(value, str) and len(value) <= 80 else type(value).__name__
+        )
+        raise ValueError(f"{what} must be 64 lowercase hex digits (a sha256), got {shown}")
+    return value
+
+
+def _check_patient_hash(ident: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        # Never echo the value: it may be the raw patient ID this check exists to keep out.
+        length = len(value) if isinstance(value, str) else type(value).__name__
+        raise ValueError(
+            f"patient_id_hash of {ident} must be a keyed hash (64 lowercase hex digits); "
+            f"got a value of length {length}, which looks like a raw identifier: refusing it"
+        )
+    return value
+
+
+def _study_date(ident: str, value: Any) -> dt.date | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        for fmt in ("%Y%m%d", "%Y-%m-%d"):
+            try:
+                return dt.datetime.strptime(text, fmt).date()
+            except ValueError:
+                pass
+    raise ValueError(
+        f"(0008,0020) 'Study Date' value {value!r} of {ident} is not a date; "
+        "it must be a datetime.date or a DICOM DA string YYYYMMDD"
+    )
+
+
+def _optional_int(ident: str, key: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            as_int = int(value)
+        except (TypeError, ValueError):
+            as_int = None
+        if as_int is None or as_int != value:
+            raise ValueError(f"{key} of {ident} must be an integer, got {value!r}")
+        return as_int
+    return value
+
+
+def _probability(what: str, value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number in [0, 1], got {value!r}") from None
+    if not math.isfinite(number) or not 0.0 <= number <= 1.0:
+        raise ValueError(f"{what} must be a number in [0, 1], got {value!r}")
+    return number
+
+
+def _chunks(values: Sequence[Any], size: int = _IN_CHUNK) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def _insert(session: Session, table: sa.Table):
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(table)
+    if dialect == "sqlite":
+        return sqlite.insert(table)
+    raise ValueError(f"unsupported database dialect {dialect!r}; use SQLite or PostgreSQL")
+
+
+def _on_conflict(
+    ins,
+    table: sa.Table,
+    keys: Sequence[str],
+    update: Sequence[str],
+    compare: Sequence[str],
+    force: bool,
+):
+    """ON CONFLICT (keys): update ``update`` columns, only where a ``compare`` column differs
+    (unless ``force``); with no ``update`` columns, DO NOTHING."""
+    if not update:
+        return ins.on_conflict_do_nothing(index_elements=list(keys))
+    excluded = ins.excluded
+    where = None
+    if not force:
+        where = sa.or_(*(table.c[c].is_distinct_from(excluded[c]) for c in compare))
+    return ins.on_conflict_do_update(
+        index_elements=list(keys), set_={c: excluded[c] for c in update}, where=where
+    )
+
+
+def _upsert(
+    session: Session,
+    table: sa.Table,
+    rows: list[dict[str, Any]],
+    *,
+    keys: Sequence[str],
+    build: Callable[[Any], Any],
+) -> None:
+    """Insert ``rows`` (uniform keys, unique on ``keys``) with the conflict clause ``build``
+    adds, in key order; PostgreSQL batches of COPY_THRESHOLD rows or more go through COPY."""
+    if not rows:
+        return
+    rows = sorted(rows, key=lambda r: tuple(r[k] for k in keys))
+    if session.get_bind().dialect.name == "postgresql" and len(rows) >= COPY_THRESHOLD:
+        _copy_upsert(session, table, rows, keys=keys, build=build)
+        return
+    session.execute(build(_insert(session, table)), rows)
+
+
+def _copy_value(value: Any) -> Any:
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return value
+
+
+def _copy_upsert(
+    session: Session,
+    table: sa.Table,
+    rows: list[dict[str, Any]],
+    *,
+    keys: Sequence[str],
+    build: Callable[[Any], Any],
+) -> None:
+    columns = list(rows[0])
+    stage = f"_stage_{table.name}_{uuid.uuid4().hex[:12]}"
+    connection = session.connection()
+    connection.exec_driver_sql(
+        f"CREATE TEMPORARY TABLE {stage} (LIKE {table.name} INCLUDING DEFAULTS) ON COMMIT DROP"
+    )
+    driver_connection = connection.connection.driver_connection
+    column_list = ", ".join(f'"{c}"' for c in columns)
+    with (
+        driver_connection.cursor() as cursor,
+        cursor.copy(f"COPY {stage} ({column_list}) FROM STDIN") as copy,
+    ):
+        for row in rows:
+            copy.write_row([_copy_value(row[c]) for c in columns])
+    staged = sa.table(stage, *(sa.column(c) for c in columns))
+    select = sa.select(*(staged.c[c] for c in columns)).order_by(*(staged.c[k] for k in keys))
+    connection.execute(build(postgresql.insert(table).from_select(columns, select)))
+    connection.exec_driver_sql(f"DROP TABLE {stage}")
+
+
+# --- models and runs --------------------------------------------------------------------------
+
+
+def register_model(session: Session, metadata: Mapping[str, Any], sha256: str) -> int:
+    """Register a checkpoint (``Checkpoint.metadata()`` and its file's sha256); idempotent.
+
+    Returns the model_id (one row = one model version). Refuses a second checkpoint under a
+    name and version that is already registered with a different sha256.
+    """
+    sha256 = _check_sha256("checkpoint sha256", sha256)
+    missing = [k for k in MODEL_METADATA_REQUIRED if metadata.get(k) in (None, "")]
+    if missing:
+        raise ValueError(f"model metadata lacks required key(s) {', '.join(missing)}")
+    models = Model.__table__
+    existing = session.execute(
+        sa.select(models.c.model_id).where(models.c.sha256 == sha256)
+    ).scalar_one_or_none()
+    if existing is not None:
+        return existing
+    name, version = str(metadata["name"]), str(metadata["version"])
+    clash = session.execute(
+        sa.select(models.c.sha256).where(models.c.name == name, models.c.version == version)
+    ).scalar_one_or_none()
+    if clash is not None:
+        raise ValueError(
+            f"model {name!r} version {version!r} is already registered for the checkpoint with "
+            f"sha256 {clash}; this checkpoint has sha256 {sha256}: give it a new version"
+        )
+    row = {
+        "name": name,
+        "version": version,
+        "sha256": sha256,
+        "format": metadata.get("format"),
+        "architecture": str(metadata["architecture"]),
+        "arch_kwargs": dict(metadata.get("arch_kwargs") or {}),
+        "class_names": list(metadata["class_names"]),
+        "positive_class": str(metadata["positive_class"]),
+        "threshold": _probability("model threshold", metadata["threshold"]),
+        "input_size": int(metadata["input_size"]),
+        "preprocessing": dict(metadata["preprocessing"]),
+        "preprocessing_sha256": _check_sha256(
+            "preprocessing_sha256", metadata["preprocessing_sha256"]
+        ),
+        "metrics": dict(metadata.get("metrics") or {}),
+        "provenance": dict(metadata.get("provenance") or {}),
+        "notes": metadata.get("notes") or None,
+        "checkpoint_metadata": json.loads(json.dumps(dict(metadata))),
+    }
+    session.execute(_insert(session, models).on_conflict_do_nothing(index_elements=["sha256"]), row)
+    return session.execute(
+        sa.select(models.c.model_id).where(models.c.sha256 == sha256)
+    ).scalar_one()
+
+
+def start_run(
+    session: Session,
+    *,
+    kind: str,
+    source: str | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    selection_policy: Mapping[str, Any] | None = None,
+    model_id: int | None = None,
+    prefect_flow_run_id: str | None = None,
+    started_at: dt.datetime | None = None,
+) -> int:
+    """Record a run as ``running`` and return its run_id."""
+    if kind not in RUN_KINDS:
+        raise ValueError(f"run kind {kind!r} is not one of {', '.join(RUN_KINDS)}")
+    runs = Run.__table__
+    return session.execute(
+        sa.insert(runs)
+        .values(
+            kind=kind,
+            source=source,
+            parameters=dict(parameters or {}),
+            selection_policy=dict(selection_policy or {}),
+            model_id=model_id,
+            status="running",
+            started_at=started_at or _now(),
+            prefect_flow_run_id=None if prefect_flow_run_id is None else str(prefect_flow_run_id),
+        )
+        .returning(runs.c.run_id)
+    ).scalar_one()
+
+
+def finish_run(
+    session: Session,
+    run_id: int,
+    status: str,
+    counts: Mapping[str, int],
+    error: str | None = None,
+    *,
+    finished_at: dt.datetime | None = None,
+) -> None:
+    """Close a running run with its counts (files_seen, predicted, skipped, failed).
+
+    A ``completed`` run must conserve files: files_seen == predicted + skipped + failed.
+    """
+    if status not in ("completed", "failed"):
+        raise ValueError(f"a run finishes as 'completed' or 'failed', not {status!r}")
+    unknown = sorted(set(counts) - set(RUN_COUNT_KEYS))
+    missing = [k for k in RUN_COUNT_KEYS if k not in counts]
+    if unknown or missing:
+        raise ValueError(
+            f"run counts need exactly {', '.join(RUN_COUNT_KEYS)}; "
+            f"missing {missing or 'none'}, unknown {unknown or 'none'}"
+        )
+    values = {k: _optional_int(f"run {run_id}", k, counts[k]) for k in RUN_COUNT_KEYS}
+    negative = [k for k, v in values.items() if v is None or v < 0]
+    if negative:
+        raise ValueError(f"run {run_id} counts must be non-negative integers: {negative}")
+    outcomes = values["predicted"] + values["skipped"] + values["failed"]
+    if status == "completed" and values["files_seen"] != outcomes:
+        raise ValueError(
+            f"run {run_id} saw {values['files_seen']} files but counts {outcomes} outcomes "
+            f"(predicted {values['predicted']} + skipped {values['skipped']} + failed "
+            f"{values['failed']}); every file must end in exactly one outcome"
+        )
+    runs = Run.__table__
+    current = session.execute(
+        sa.select(runs.c.status).where(runs.c.run_id == run_id)
+    ).scalar_one_or_none()
+    if current is None:
+        raise ValueError(f"run {run_id} does not exist")
+    if current != "running":
+        raise ValueError(f"run {run_id} is already {current}; it cannot be finished again")
+    session.execute(
+        sa.update(runs)
+        .where(runs.c.run_id == run_id)
+        .values(status=status, finished_at=finished_at or _now(), error=error, **values)
+    )
+
+
+# --- shards ---------------------------------------------------------------------------------
+
+
+def write_shard(
+    session: Session,
+    *,
+    run_id: int,
+    model_id: int,
+    instances: list[dict[str, Any]],
+    outcomes: list[dict[str, Any]],
+    predictions: list[dict[str, Any]],
+    force: bool = False,
+) -> ShardResult:
+    """Write one shard: instances, studies, one outcome per file, image predictions.
+
+    Runs inside the caller's transaction (one per shard). A file whose SOP Instance UID is
+    already stored with a different ``content_sha256`` is recorded in ``uid_conflicts``, its
+    outcome becomes ``failed`` with a reason naming both files, its prediction is dropped, and
+    the stored instance is left as it is. See INSTANCE_KEYS, OUTCOME_KEYS and PREDICTION_KEYS
+    for the dicts.
+    """
+    now = _now()
+    files = _normalise_instances(instances)
+    outcome_rows = _normalise_outcomes(outcomes)
+    prediction_rows = _normalise_predictions(predictions)
+
+    # 1. Instances: the first file per UID is the candidate; an existing row is never replaced.
+    candidates: dict[str, dict[str, Any]] = {}
+    for row in files:
+        candidates.setdefault(row["sop_instance_uid"], row)
+    instance_rows = [{**row, "first_seen_run_id": run_id} for row in candidates.values()]
+    header = [c for c in INSTANCE_KEYS if c not in ("sop_instance_uid", "source_uri")]
+    instances_table = Instance.__table__
+    if force:
+        # Same content: refresh header facts in place. Other content: never touched.
+        def build_instances(ins):
+            excluded = ins.excluded
+            return ins.on_conflict_do_update(
+                index_elements=["sop_instance_uid"],
+                set_={c: excluded[c] for c in header if c != "content_sha256"},
+                where=instances_table.c.content_sha256 == excluded.content_sha256,
+            )
+    else:
+
+        def build_instances(ins):
+            return ins.on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+
+    _upsert(
+        session, instances_table, instance_rows, keys=["sop_instance_uid"], build=build_instances
+    )
+
+    # 2. Compare every file with what is stored now (after our insert, so a concurrent writer's
+    #    committed row counts too).
+    uids = sorted(
+        {r["sop_instance_uid"] for r in files}
+        | {r["sop_instance_uid"] for r in prediction_rows}
+        | {r["sop_instance_uid"] for r in outcome_rows if r["sop_instance_uid"]}
+    )
+    stored = _stored_instances(session, uids)
+    conflicts: list[dict[str, str]] = []
+    conflicting_uris: dict[str, str] = {}
+    good_files: list[dict[str, Any]] = []
+    for row in files:
+        existing = stored.get(row["sop_instance_uid"])
+        if existing is None:
+            raise RuntimeError(
+                f"instance {row['sop_instance_uid']} of {row['source_uri']} was neither stored "
+                "nor found after the insert"
+            )
+        if existing["content_sha256"] == row["content_sha256"]:
+            good_files.append(row)
+            continue
+        conflict = {
+            "sop_instance_uid": row["sop_instance_uid"],
+            "existing_source_uri": existing["source_uri"],
+            "existing_content_sha256": existing["content_sha256"],
+            "new_source_uri": row["source_uri"],
+            "new_content_sha256": row["content_sha256"],
+        }
+        conflicts.append(conflict)
+        conflicting_uris[row["source_uri"]] = (
+            f"SOP Instance UID {row['sop_instance_uid']} was already stored from "
+            f"{existing['source_uri']} (content sha256 {existing['content_sha256'][:16]}...) "
+            f"but {row['source_uri']} has different content (sha256 "
+            f"{row['content_sha256'][:16]}...); recorded in uid_conflicts, not merged"
+        )
+    conflict_rows = [{**c, "run_id": run_id, "detected_at": now} for c in conflicts]
+    unique_conflicts = list(
+        {(c["sop_instance_uid"], c["new_source_uri"], c["new_content_sha256"]): c
+         for c in conflict_rows}.values()
+    )  # fmt: skip
+    _upsert(
+        session,
+        UidConflict.__table__,
+        unique_conflicts,
+        keys=["sop_instance_uid", "new_source_uri", "new_content_sha256"],
+        build=lambda ins: ins.on_conflict_do_nothing(
+            index_elements=["sop_instance_uid", "new_source_uri", "new_content_sha256"]
+        ),
+    )
+
+    # 3. Studies: facts from the first good file; later files only fill facts still missing.
+    _upsert_studies(session, good_files, run_id)
+
+    # 4. Predictions of non-conflicting files, one per UID.
+    kept: dict[str, dict[str, Any]] = {}
+    for row in prediction_rows:
+        if row["source_uri"] in conflicting_uris:
+            continue
+        uid = row["sop_instance_uid"]
+        if uid not in stored:
+            raise ValueError(
+                f"prediction for SOP Instance UID {uid} ({row['source_uri']}) has no instance: "
+                "pass the file's instance dict in the same shard"
+            )
+        if uid in kept:
+            continue
+        study = row.get("study_instance_uid") or stored[uid]["study_instance_uid"]
+        if study != stored[uid]["study_instance_uid"]:
+            raise ValueError(
+                f"prediction for SOP Instance UID {uid} names study {study} but the instance "
+                f"belongs to study {stored[uid]['study_instance_uid']}"
+            )
+        kept[uid] = {
+            "sop_instance_uid": uid,
+            "model_id": model_id,
+            "study_instance_uid": study,
+            "score": row["score"],
+            "label": row["label"],
+            "threshold": row["threshold"],
+            "preprocessing_sha256": row["preprocessing_sha256"],
+            "run_id": run_id,
+            "predicted_at": now,
+        }
+    upsert_image_predictions(session, list(kept.values()), force=force)
+
+    # 5. One outcome per file.
+    content_by_uri = {r["source_uri"]: r["content_sha256"] for r in files}
+    final_rows = []
+    for row in outcome_rows:
+        uri = row["source_uri"]
+        outcome, reason = row["outcome"], row["reason"]
+        if uri in conflicting_uris:
+            reason = (
+                f"{reason}; also: {conflicting_uris[uri]}"
+                if outcome == "failed" and reason
+                else conflicting_uris[uri]
+            )
+            outcome = "failed"
+        elif outcome == "predicted" and row["sop_instance_uid"] not in kept:
+            raise ValueError(
+                f"outcome 'predicted' for {uri} has no prediction for SOP Instance UID "
+                f"{row['sop_instance_uid']} in this shard"
+            )
+        final_rows.append(
+            {
+                "source_uri": uri,
+                "model_id": model_id,
+                "sop_instance_uid": row["sop_instance_uid"],
+                "study_instance_uid": row["study_instance_uid"],
+                "content_sha256": row["content_sha256"] or content_by_uri.get(uri),
+                "outcome": outcome,
+                "reason": reason,
+                "facts": row["facts"],
+                "thumbnail_path": row["thumbnail_path"],
+                "run_id": run_id,
+                "updated_at": now,
+            }
+        )
+    compare = [
+        "sop_instance_uid",
+        "study_instance_uid",
+        "content_sha256",
+        "outcome",
+        "reason",
+        "facts",
+        "thumbnail_path",
+    ]
+    outcomes_table = FileOutcome.__table__
+    _upsert(
+        session,
+        outcomes_table,
+        final_rows,
+        keys=["source_uri", "model_id"],
+        build=lambda ins: _on_conflict(
+            ins,
+            outcomes_table,
+            ["source_uri", "model_id"],
+            [*compare, "run_id", "updated_at"],
+            compare,
+            force,
+        ),
+    )
+    counts = Counter(r["outcome"] for r in final_rows)
+    return ShardResult(
+        outcome_counts={o: counts.get(o, 0) for o in OUTCOMES},
+        conflicts=tuple(conflicts),
+        predictions_written=len(kept),
+        study_uids=frozenset(r["study_instance_uid"] for r in kept.values()),
+    )
+
+
+def upsert_image_predictions(
+    session: Session, rows: list[dict[str, Any]], *, force: bool = False
+) -> None:
+    """Upsert image_predictions rows (all columns given, unique on sop_instance_uid+model_id).
+
+    ``write_shard`` calls this; it is public for bulk loads and the benchmark. The instances
+    must exist.
+    """
+    table = ImagePrediction.__table__
+    keys = ["sop_instance_uid", "model_id"]
+    compare = ["study_instance_uid", "score", "label", "threshold", "preprocessing_sha256"]
+    _upsert(
+        session,
+        table,
+        rows,
+        keys=keys,
+        build=lambda ins: _on_conflict(
+            ins, table, keys, [*compare, "run_id", "predicted_at"], compare, force
+        ),
+    )
+
+
+def _normalise_instances(instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows, seen_uris = [], set()
+    for item in instances:
+        ident = str(item.get("source_uri") or item.get("sop_instance_uid"))
+        _check_keys("instance", ident, item, INSTANCE_KEYS)
+        if item["source_uri"] in seen_uris:
+            raise ValueError(f"instance dict for {item['source_uri']} appears twice in the shard")
+        seen_uris.add(item["source_uri"])
+        row = {k: item.get(k) for k in INSTANCE_KEYS}
+        row["content_sha256"] = _check_sha256(f"content_sha256 of {ident}", row["content_sha256"])
+        row["study_date"] = _study_date(ident, row["study_date"])
+        row["patient_id_hash"] = _check_patient_hash(ident, row["patient_id_hash"])
+        for key in ("rows", "columns", "bits_stored", "pixel_representation", "number_of_frames"):
+            row[key] = _optional_int(ident, key, row[key])
+        rows.append(row)
+    return rows
+
+
+def _normalise_outcomes(outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows, seen = [], set()
+    for item in outcomes:
+        ident = str(item.get("source_uri"))
+        _check_keys("outcome", ident, item, OUTCOME_KEYS)
+        if item["outcome"] not in OUTCOMES:
+            raise ValueError(
+                f"outcome {item['outcome']!r} of {ident} is not one of {', '.join(OUTCOMES)}"
+            )
+        if item["outcome"] != "predicted" and not item.get("reason"):
+            raise ValueError(f"outcome {item['outcome']!r} of {ident} needs a reason")
+        if item["outcome"] == "predicted" and not item.get("sop_instance_uid"):
+            raise ValueError(f"outcome 'predicted' of {ident} needs its sop_instance_uid")
+        if ident in seen:
+            raise ValueError(f"outcome dict for {ident} appears twice in the shard")
+        seen.add(ident)
+        facts = item.get("facts") or {}
+        if not isinstance(facts, dict):
+            raise ValueError(f"facts of {ident} must be a dict, got {type(facts).__name__}")
+        content = item.get("content_sha256")
+        rows.append(
+            {
+                "source_uri": item["source_uri"],
+                "outcome": item["outcome"],
+                "reason": item.get("reason") or None,
+                "sop_instance_uid": item.get("sop_instance_uid") or None,
+                "study_instance_uid": item.get("study_instance_uid") or None,
+                "content_sha256": None
+                if content is None
+                else _check_sha256(f"content_sha256 of {ident}", content),
+                "facts": json.loads(json.dumps(facts)),  # JSON-able, plain types, stable
+                "thumbnail_path": None
+                if item.get("thumbnail_path") is None
+                else str(item["thumbnail_path"]),
+            }
+        )
+    return rows
+
+
+def _normalise_predictions(predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for item in predictions:
+        ident = str(item.get("source_uri") or item.get("sop_instance_uid"))
+        _check_keys("prediction", ident, item, PREDICTION_KEYS)
+        if not isinstance(item["label"], bool):
+            raise ValueError(f"label of {ident} must be a bool, got {item['label']!r}")
+        rows.append(
+            {
+                "source_uri": item["source_uri"],
+                "sop_instance_uid": item["sop_instance_uid"],
+                "study_instance_uid": item.get("study_instance_uid"),
+                "score": _probability(f"score of {ident}", item["score"]),
+                "label": item["label"],
+                "threshold": _probability(f"threshold of {ident}", item["threshold"]),
+                "preprocessing_sha256": _check_sha256(
+                    f"preprocessing_sha256 of {ident}", item["preprocessing_sha256"]
+                ),
+            }
+        )
+    return rows
+
+
+def _stored_instances(session: Session, uids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    table = Instance.__table__
+    found: dict[str, dict[str, Any]] = {}
+    for chunk in _chunks(uids):
+        result = session.execute(
+            sa.select(
+                table.c.sop_instance_uid,
+                table.c.content_sha256,
+                table.c.source_uri,
+                table.c.study_instance_uid,
+            ).where(table.c.sop_instance_uid.in_(chunk))
+        )
+        for row in result.mappings():
+            found[row["sop_instance_uid"]] = dict(row)
+    return found
+
+
+def _upsert_studies(session: Session, files: list[dict[str, Any]], run_id: int) -> None:
+    facts = ("accession_number", "study_date", "patient_id_hash")
+    studies: dict[str, dict[str, Any]] = {}
+    for row in files:
+        study = studies.setdefault(
+            row["study_instance_uid"],
+            {"study_instance_uid": row["study_instance_uid"], "first_seen_run_id": run_id}
+            | dict.fromkeys(facts),
+        )
+        for key in facts:
+            if study[key] is None:
+                study[key] = row[key]
+    table = Study.__table__
+
+    def build(ins):
+        excluded = ins.excluded
+        return ins.on_conflict_do_update(
+            index_elements=["study_instance_uid"],
+            set_={k: sa.func.coalesce(table.c[k], excluded[k]) for k in facts},
+            where=sa.or_(*(sa.and_(table.c[k].is_(None), excluded[k].is_not(None)) for k in facts)),
+        )
+
+    _upsert(session, table, list(studies.values()), keys=["study_instance_uid"], build=build)
+
+
+# --- study aggregation and the planner's lookup -----------------------------------------------
+
+
+def upsert_study_predictions(
+    session: Session,
+    model_id: int,
+    run_id: int,
+    rule: str = "max",
+    study_uids: Iterable[str] | None = None,
+    *,
+    threshold: float | None = None,
+    force: bool = False,
+) -> None:
+    """(Re)compute study predictions from image_predictions in SQL, one statement per chunk.
+
+    ``rule``: ``max`` (the study is as positive as its most positive image) or ``mean``.
+    The label is ``score >= threshold``, the threshold defaulting to the model's.
+    ``study_uids``: the studies to aggregate (None: every study this model predicted).
+    """
+    if rule not in AGGREGATIONS:
+        raise ValueError(f"aggregation rule {rule!r} is not one of {', '.join(AGGREGATIONS)}")
+    models = Model.__table__
+    if threshold is None:
+        threshold = session.execute(
+            sa.select(models.c.threshold).where(models.c.model_id == model_id)
+        ).scalar_one_or_none()
+        if threshold is None:
+            raise ValueError(f"model {model_id} does not exist")
+    threshold = _probability("study threshold", threshold)
+    ip = ImagePrediction.__table__
+    table = StudyPrediction.__table__
+    score = sa.func.max(ip.c.score) if rule == "max" else sa.func.avg(ip.c.score)
+    now = _now()
+    columns = [
+        "study_instance_uid",
+        "model_id",
+        "aggregation",
+        "n_images",
+        "score",
+        "label",
+        "threshold",
+        "run_id",
+        "predicted_at",
+    ]
+    compare = ["aggregation", "n_images", "score", "label", "threshold"]
+
+    def statement(where):
+        select = (
+            sa.select(
+                ip.c.study_instance_uid,
+                sa.literal(model_id, sa.Integer),
+                sa.literal(rule, sa.Text),
+                sa.func.count(),
+                score,
+                sa.case((score >= threshold, sa.true()), else_=sa.false()),
+                sa.literal(threshold, sa.Double),
+                sa.literal(run_id, sa.Integer),
+                sa.literal(now, table.c.predicted_at.type),
+            )
+            .where(ip.c.model_id == model_id, where)
+            .group_by(ip.c.study_instance_uid)
+            .order_by(ip.c.study_instance_uid)
+        )
+        ins = _insert(session, table).from_select(columns, select)
+        return _on_conflict(
+            ins,
+            table,
+            ["study_instance_uid", "model_id"],
+            [*compare, "run_id", "predicted_at"],
+            compare,
+            force,
+        )
+
+    if study_uids is None:
+        session.execute(statement(sa.true()))
+        return
+    for chunk in _chunks(sorted(set(study_uids))):
+        session.execute(statement(ip.c.study_instance_uid.in_(chunk)))
+
+
+def predicted_sop_uids(session: Session, model_id: int, sop_uids: Iterable[str]) -> set[str]:
+    """The subset of ``sop_uids`` this model version already predicted (the planner's skip)."""
+    table = ImagePrediction.__table__
+    found: set[str] = set()
+    for chunk in _chunks(sorted(set(sop_uids))):
+        found.update(
+            session.execute(
+                sa.select(table.c.sop_instance_uid).where(
+                    table.c.model_id == model_id, table.c.sop_instance_uid.in_(chunk)
+                )
+            ).scalars()
+        )
+    return found
+
+
+# --- reviews and watermarks -------------------------------------------------------------------
+
+
+def add_review(
+    session: Session,
+    *,
+    study_instance_uid: str,
+    decision: str,
+    reviewer: str,
+    note: str | None = None,
+    model_id: int | None = None,
+    created_at: dt.datetime | None = None,
+) -> int:
+    """Append a review (agree | disagree | uncertain) of a study; the latest one counts."""
+    if decision not in DECISIONS:
+        raise ValueError(f"review decision {decision!r} is not one of {', '.join(DECISIONS)}")
+    if not reviewer or not reviewer.strip():
+        raise ValueError("a review needs the reviewer's name")
+    studies = Study.__table__
+    exists = session.execute(
+        sa.select(studies.c.study_instance_uid).where(
+            studies.c.study_instance_uid == study_instance_uid
+        )
+    ).scalar_one_or_none()
+    if exists is None:
+        raise ValueError(f"study {study_instance_uid} is not in the database; nothing to review")
+    reviews = Review.__table__
+    return session.execute(
+        sa.insert(reviews)
+        .values(
+            study_instance_uid=study_instance_uid,
+            model_id=model_id,
+            decision=decision,
+            reviewer=reviewer.strip(),
+            note=note,
+            created_at=created_at or _now(),
+        )
+        .returning(reviews.c.review_id)
+    ).scalar_one()
+
+
+def get_watermark(session: Session, name: str) -> WatermarkValue | None:
+    table = Watermark.__table__
+    row = session.execute(sa.select(table).where(table.c.name == name)).mappings().first()
+    return None if row is None else WatermarkValue(**row)
+
+
+def set_watermark(
+    session: Session,
+    name: str,
+    value: dt.datetime,
+    detail: Mapping[str, Any] | None = None,
+    run_id: int | None = None,
+) -> None:
+    """Create or move the watermark ``name`` (an aware datetime plus JSON detail)."""
+    if not isinstance(value, dt.datetime) or value.tzinfo is None:
+        raise ValueError(f"watermark {name!r} needs a timezone-aware datetime, got {value!r}")
+    table = Watermark.__table__
+    row = {
+        "name": name,
+        "value": value,
+        "detail": json.loads(json.dumps(dict(detail or {}))),
+        "run_id": run_id,
+        "updated_at": _now(),
+    }
+    ins = _insert(session, table)
+    session.execute(
+        ins.on_conflict_do_update(
+            index_elements=["name"],
+            set_={c: ins.excluded[c] for c in ("value", "detail", "run_id", "updated_at")},
+        ),
+        row,
+    )
