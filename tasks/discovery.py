@@ -141,28 +141,44 @@ class SourceFile:
     def open(self) -> BinaryIO:
         """A seekable binary stream of the file's bytes; the caller closes it.
 
-        Raises ``InputError`` for an errored entry and ``OSError`` (or ``zipfile.BadZipFile``)
-        when the bytes cannot be read.
+        Raises ``InputError`` (with the reason) for an errored entry or a file or member that
+        cannot be opened. Reading the stream can still raise ``OSError`` or, for a damaged zip
+        member, ``zipfile.BadZipFile`` (CRC mismatch at its end); ``read_bytes`` turns those
+        into ``InputError`` too.
         """
         if self.error is not None:
             raise InputError(self.error)
+        try:
+            return self._open()
+        except (OSError, zipfile.BadZipFile, EOFError) as exc:
+            raise InputError(f"cannot open the {self._noun}: {_read_reason(exc)}") from exc
+
+    def read_bytes(self) -> bytes:
+        """All the bytes of the file or member; ``InputError`` when they cannot be read."""
+        if self.container == "inline" and self.error is None and self.data is not None:
+            return self.data
+        with self.open() as fp:
+            try:
+                return fp.read()
+            except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
+                raise InputError(f"cannot read the {self._noun}: {_read_reason(exc)}") from exc
+
+    @property
+    def _noun(self) -> str:
+        return "file" if self.member is None else "archive member"
+
+    def _open(self) -> BinaryIO:
         if self.container == "file":
             return open(self.path, "rb")
         if self.container == "inline":
             if self.data is None:
-                raise InputError(f"{self.uri}: the member's bytes were not carried with it")
+                raise InputError("the member's bytes were not carried with it")
             return io.BytesIO(self.data)
         if self.container == "tar":
             return io.BufferedReader(_Window(self.path, self.offset, self.size or 0))
         if self.container == "zip":
             return _zip_open(self.path, self.member or "")
         raise ValueError(f"container {self.container!r} is not one of file, zip, tar, inline")
-
-    def read_bytes(self) -> bytes:
-        if self.container == "inline" and self.error is None and self.data is not None:
-            return self.data
-        with self.open() as fp:
-            return fp.read()
 
 
 def discover(
@@ -591,6 +607,12 @@ def _os_reason(exc: OSError, path: str | None = None) -> str:
     if exc.errno == errno.ENOENT and path is not None and os.path.islink(path):
         return f"broken symbolic link: its target {_display(os.readlink(path))!r} does not exist"
     return exc.strerror or str(exc)
+
+
+def _read_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return _exc_text(exc)
 
 
 def _exc_text(exc: BaseException) -> str:
