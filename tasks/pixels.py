@@ -563,8 +563,10 @@ def _lut(item: Dataset, where: str) -> tuple[int, np.ndarray, int]:
     raw = item.LUTData
     if isinstance(raw, bytes | bytearray):
         data = np.frombuffer(raw, dtype="<u2" if bits > 8 or item["LUTData"].VR == "OW" else "u1")
-    else:
-        data = np.asarray(raw if isinstance(raw, list | tuple) else [raw], dtype=np.int64)
+    elif isinstance(raw, int):
+        data = np.asarray([raw], dtype=np.int64)
+    else:  # a MultiValue of US values
+        data = np.fromiter(raw, dtype=np.int64, count=len(raw))
     if len(data) < entries:
         raise InputError(
             f"{where} item 1 (0028,3006) 'LUT Data' has {len(data)} entries, fewer than the "
