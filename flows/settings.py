@@ -1,0 +1,62 @@
+"""One settings object for the whole tool, read from the environment at call time.
+
+Every field can be set with ``CXR_SCREEN_<FIELD>`` (e.g. ``CXR_SCREEN_DATABASE_URL``) or in a
+``.env`` file in the working directory. Lower layers (``tasks/``, ``sql/``, ``model/``) never
+read settings themselves: flows and the CLI read them once and pass plain values down.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CXR_SCREEN_", env_file=".env", extra="ignore")
+
+    database_url: str = Field(
+        default="sqlite:///cxr_screen.db",
+        description="SQLAlchemy URL of the results database (SQLite file or postgresql+psycopg://)",
+    )
+    home: Path = Field(
+        default=Path(".cxr-screen"),
+        description="Folder for local state: the HMAC key file, thumbnails, the Prefect home",
+    )
+    hmac_key: SecretStr | None = Field(
+        default=None,
+        description="Secret for keyed hashes of patient identifiers; if unset, a random key is "
+        "created once in <home>/hmac.key (mode 0600)",
+    )
+    model_path: Path | None = Field(default=None, description="Default model checkpoint")
+    drop_folder: Path | None = Field(default=None, description="Folder the nightly run scans")
+    nightly_cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+    device: str = "auto"
+    shard_size: int = 256
+    workers: int | None = None
+    batch_size: int | None = None
+
+    @property
+    def thumbnails_dir(self) -> Path:
+        return self.home / "thumbnails"
+
+    def hmac_secret(self) -> bytes:
+        """The key for patient-identifier hashes; created with mode 0600 on first use."""
+        if self.hmac_key is not None:
+            return self.hmac_key.get_secret_value().encode()
+        path = self.home / "hmac.key"
+        if not path.exists():
+            self.home.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        return path.read_text().strip().encode()
+
+
+def get_settings(**overrides) -> Settings:
+    """Settings from the environment now (not at import), with explicit overrides on top."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
