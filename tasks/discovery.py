@@ -26,8 +26,9 @@ Rules (what a radiology informatics engineer expects from a drop folder or an ol
   truncated archive yields the members read so far and then one errored entry for the archive.
 - File names that are not valid UTF-8 are not an error: the file opens through its OS name and
   its URI shows the undecodable bytes as ``\\xNN`` escapes, so it can be stored and displayed.
-- Unreadable files (permissions) are found when they are opened: ``tasks.headers.read_header``
-  turns the OS error into an ``InputError`` with the reason.
+- Unreadable files (permissions) are found when they are opened: ``SourceFile.open`` raises
+  ``InputError`` with the OS's reason ("cannot open the file: Permission denied"). Discovery
+  itself opens only directories and archives, never FIFOs or devices (those are errored).
 
 Archive safety (:class:`ArchiveLimits`): members whose names would escape an extraction
 directory (``..``, absolute paths, drive letters, NUL), link and device members, encrypted or

@@ -292,11 +292,14 @@ def _header(
         raise
     missing = [kw for kw, value in uids.items() if value is None]
     if not has_preamble and missing:
-        raise InputError(_not_dicom(f"parsing it gives no {_names(missing, ' or ', '')}".rstrip()))
+        raise InputError(_not_dicom(f"parsing it gives no {_labels(missing, ' or ')}"))
     if guard.short_at is not None or _short_element(ds) is not None:
         raise InputError(_truncated(guard, ds))
     if missing:
-        raise InputError(f"{_names(missing)} missing or empty; the instance cannot be identified")
+        verb = "is" if len(missing) == 1 else "are"
+        raise InputError(
+            f"{_labels(missing)} {verb} missing or empty; the instance cannot be identified"
+        )
 
     transfer_syntax = _str(meta.get("TransferSyntaxUID"))
     if transfer_syntax is None:
@@ -350,11 +353,8 @@ def _label(keyword: str) -> str:
     return f"({tag.group:04X},{tag.element:04X}) '{dictionary_description(tag)}'"
 
 
-def _names(keywords: list[str], joiner: str = ", ", verb: str | None = None) -> str:
-    labels = [_label(kw) for kw in keywords]
-    if verb is None:
-        verb = "is" if len(labels) == 1 else "are"
-    return f"{joiner.join(labels)} {verb}"
+def _labels(keywords: list[str], joiner: str = ", ") -> str:
+    return joiner.join(_label(kw) for kw in keywords)
 
 
 def _value(ds: Dataset, keyword: str) -> Any:
