@@ -194,12 +194,15 @@ class _Guard:
     def __init__(self, fp: BinaryIO, size: int) -> None:
         self._fp = fp
         self._size = size
-        self.short_at: int | None = None  # value offset of the element the file ends inside
+        self.short_at: int | None = None  # where the read or skip that ran out started
         self.short_by = 0
+        self.short_in_skip = False  # True: skipping a value (short_at is its first byte)
+        self.short_read = 0  # bytes asked for by the read that ran out (8: an element header)
 
-    def _short(self, at: int, wanted: int, available: int) -> None:
+    def _short(self, at: int, wanted: int, available: int, skip: bool) -> None:
         if self.short_at is None:
-            self.short_at, self.short_by = at, wanted - available
+            self.short_at, self.short_by, self.short_in_skip = at, wanted - available, skip
+            self.short_read = 0 if skip else wanted
 
     def read(self, n: int | None = -1) -> bytes:
         pos = self._fp.tell()
@@ -209,23 +212,35 @@ class _Guard:
         # Reading at the very end is how a data set normally ends; ending part-way through a
         # read is not. (A value that starts exactly at the end is caught by _short_element.)
         if 0 < available < n:
-            self._short(pos, n, available)
+            self._short(pos, n, available, skip=False)
         return self._fp.read(min(n, available))
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         pos = self._fp.tell()
         target = {io.SEEK_SET: 0, io.SEEK_CUR: pos, io.SEEK_END: self._size}[whence] + offset
         if target > self._size:
-            self._short(pos, target - pos, self._size - pos)
+            self._short(pos, target - pos, self._size - pos, skip=True)
             target = self._size
         return self._fp.seek(target)
 
     def tell(self) -> int:
         return self._fp.tell()
 
-    def element_tag_at(self, value_offset: int, little_endian: bool) -> int | None:
-        """The tag of the element whose value starts at ``value_offset`` (for messages)."""
+    def short_tag(self, little_endian: bool) -> int | None:
+        """The tag of the element the file ends inside of, when it can be told (for messages)."""
+        if self.short_at is None:
+            return None
         e = "<" if little_endian else ">"
+        if not self.short_in_skip and self.short_read == 8:
+            # Most likely a cut element header: its tag is where the read began.
+            self._fp.seek(self.short_at)
+            head = self._fp.read(4)
+            if len(head) < 4:
+                return None
+            group, elem = struct.unpack(f"{e}HH", head)
+            return group << 16 | elem
+        # A value being skipped or read: the element header ends where it began.
+        value_offset = self.short_at
         for header_len in (12, 8):
             start = value_offset - header_len
             if start < 0:
@@ -283,6 +298,7 @@ def _header(
             f"(0002,0002) 'Media Storage SOP Class UID' is {MEDIA_STORAGE_DIRECTORY} "
             "(Media Storage Directory Storage): a DICOMDIR index, not an image"
         )
+    short_tag = _short_element(ds)  # before any value is converted (which drops raw lengths)
     notes: list[str] = []
     try:
         uids = {kw: _uid(ds, kw, notes if has_preamble else None) for kw in _REQUIRED_UIDS}
@@ -293,8 +309,8 @@ def _header(
     missing = [kw for kw, value in uids.items() if value is None]
     if not has_preamble and missing:
         raise InputError(_not_dicom(f"parsing it gives no {_labels(missing, ' or ')}"))
-    if guard.short_at is not None or _short_element(ds) is not None:
-        raise InputError(_truncated(guard, ds))
+    if guard.short_at is not None or short_tag is not None:
+        raise InputError(_truncated(guard, ds, short_tag))
     if missing:
         verb = "is" if len(missing) == 1 else "are"
         raise InputError(
@@ -534,16 +550,17 @@ def _short_element(ds: Dataset) -> int | None:
     return None
 
 
-def _truncated(guard: _Guard, ds: Dataset | None) -> str:
-    tag = _short_element(ds) if ds is not None else None
-    if tag is None and guard.short_at is not None:
+def _truncated(guard: _Guard, ds: Dataset | None, tag: int | None = None) -> str:
+    if tag is None:
         little = True if ds is None else ds.original_encoding[1] is not False
-        tag = guard.element_tag_at(guard.short_at, little)
-    where = ""
+        tag = guard.short_tag(little)
     if tag is not None:
         t = Tag(tag)
-        name = _tag_name(t)
-        where = f" inside ({t.group:04X},{t.element:04X}) '{name}'"
+        where = f" inside ({t.group:04X},{t.element:04X}) '{_tag_name(t)}'"
+    elif guard.short_at is not None:
+        where = f" inside a data element that starts near byte {guard.short_at:,}"
+    else:
+        where = ""
     missing = f", {guard.short_by:,} bytes short" if guard.short_by else ""
     return f"the file is truncated: it ends{where} before the pixel data{missing}"
 

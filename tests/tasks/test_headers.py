@@ -349,6 +349,8 @@ def test_truncated_headers_name_the_element(tmp_path: Path) -> None:
             data.index(b"1.2.826.0.1.3680043.8.498.2") + 5,
             "(0020,000D) 'Study Instance UID'",
         ),
+        # inside an element's header (tag, VR, length)
+        "element-header": (data.index(b"\x08\x00\x16\x00UI") + 6, "(0008,0016) 'SOP Class UID'"),
         # inside an element the scan skips by seeking
         "institution": (data.index(b"General Hospital") + 5, "(0008,0080) 'Institution Name'"),
     }
