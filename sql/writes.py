@@ -20,6 +20,7 @@ All timestamps are timezone-aware UTC datetimes.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import math
 import re
@@ -153,8 +154,8 @@ def _now() -> dt.datetime:
 
 
 def _check_keys(kind: str, ident: str, row: Mapping[str, Any], spec: Mapping[str, bool]) -> None:
-    unknown = sorted(set(row) - set(spec))
-    if unknown:
+    if not row.keys() <= spec.keys():
+        unknown = sorted(set(row) - set(spec))
         raise ValueError(
             f"{kind} dict for {ident} has unknown key(s) {', '.join(unknown)}; "
             f"allowed: {', '.join(spec)}"
@@ -194,21 +195,31 @@ def _study_date(ident: str, value: Any) -> dt.date | None:
     if isinstance(value, dt.date):
         return value
     if isinstance(value, str):
-        text = value.strip()
-        for fmt in ("%Y%m%d", "%Y-%m-%d"):
-            try:
-                return dt.datetime.strptime(text, fmt).date()
-            except ValueError:
-                pass
+        parsed = _parse_da(value)
+        if parsed is not None:
+            return parsed
     raise ValueError(
         f"(0008,0020) 'Study Date' value {value!r} of {ident} is not a date; "
         "it must be a datetime.date or a DICOM DA string YYYYMMDD"
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse_da(value: str) -> dt.date | None:
+    """A DICOM DA (YYYYMMDD) or ISO (YYYY-MM-DD) date, else None."""
+    text = value.strip()
+    digits = text.replace("-", "") if len(text) == 10 and text[4::3] == "--" else text
+    if len(digits) == 8 and digits.isascii() and digits.isdigit():
+        try:
+            return dt.date(int(digits[:4]), int(digits[4:6]), int(digits[6:]))
+        except ValueError:
+            return None
+    return None
+
+
 def _optional_int(ident: str, key: str, value: Any) -> int | None:
-    if value is None:
-        return None
+    if value is None or type(value) is int:
+        return value
     if isinstance(value, bool) or not isinstance(value, int):
         try:
             as_int = int(value)
@@ -233,6 +244,18 @@ def _probability(what: str, value: Any) -> float:
 def _chunks(values: Sequence[Any], size: int = _IN_CHUNK) -> Iterable[Sequence[Any]]:
     for start in range(0, len(values), size):
         yield values[start : start + size]
+
+
+def _member_of(session: Session, column: sa.ColumnElement, values: Iterable[str]):
+    """Filters ``column IN values``, one per chunk, in sorted order: on PostgreSQL one bound
+    array per 50,000 values (``= ANY(:array)``), on SQLite IN lists of _IN_CHUNK values."""
+    ordered = sorted(set(values))
+    if session.get_bind().dialect.name == "postgresql":
+        for chunk in _chunks(ordered, 50_000):
+            yield column == sa.any_(sa.literal(list(chunk), postgresql.ARRAY(sa.Text)))
+    else:
+        for chunk in _chunks(ordered):
+            yield column.in_(chunk)
 
 
 def _insert(session: Session, table: sa.Table):
@@ -265,6 +288,9 @@ def _on_conflict(
     )
 
 
+Verify = Callable[[Session, list[dict[str, Any]], Any], None]
+
+
 def _upsert(
     session: Session,
     table: sa.Table,
@@ -272,22 +298,23 @@ def _upsert(
     *,
     keys: Sequence[str],
     build: Callable[[Any], Any],
+    verify: Verify | None = None,
 ) -> None:
     """Insert ``rows`` (uniform keys, unique on ``keys``) with the conflict clause ``build``
-    adds, in key order; PostgreSQL batches of COPY_THRESHOLD rows or more go through COPY."""
+    adds, in key order; PostgreSQL batches of COPY_THRESHOLD rows or more go through COPY.
+
+    ``verify(session, rows, staged)`` runs before the insert; ``staged`` is the staging table
+    (a ``sa.table``) on the COPY path, else None.
+    """
     if not rows:
         return
     rows = sorted(rows, key=lambda r: tuple(r[k] for k in keys))
     if session.get_bind().dialect.name == "postgresql" and len(rows) >= COPY_THRESHOLD:
-        _copy_upsert(session, table, rows, keys=keys, build=build)
+        _copy_upsert(session, table, rows, keys=keys, build=build, verify=verify)
         return
+    if verify is not None:
+        verify(session, rows, None)
     session.execute(build(_insert(session, table)), rows)
-
-
-def _copy_value(value: Any) -> Any:
-    if isinstance(value, dict | list):
-        return json.dumps(value)
-    return value
 
 
 def _copy_upsert(
@@ -297,6 +324,7 @@ def _copy_upsert(
     *,
     keys: Sequence[str],
     build: Callable[[Any], Any],
+    verify: Verify | None,
 ) -> None:
     columns = list(rows[0])
     stage = f"_stage_{table.name}_{uuid.uuid4().hex[:12]}"
@@ -306,13 +334,20 @@ def _copy_upsert(
     )
     driver_connection = connection.connection.driver_connection
     column_list = ", ".join(f'"{c}"' for c in columns)
+    # JSON goes in as text (COPY parses it into jsonb); everything else as psycopg adapts it.
+    json_columns = [i for i, c in enumerate(columns) if isinstance(table.c[c].type, sa.JSON)]
     with (
         driver_connection.cursor() as cursor,
         cursor.copy(f"COPY {stage} ({column_list}) FROM STDIN") as copy,
     ):
         for row in rows:
-            copy.write_row([_copy_value(row[c]) for c in columns])
+            values = [row[c] for c in columns]
+            for i in json_columns:
+                values[i] = json.dumps(values[i])
+            copy.write_row(values)
     staged = sa.table(stage, *(sa.column(c) for c in columns))
+    if verify is not None:
+        verify(session, rows, staged)
     select = sa.select(*(staged.c[c] for c in columns)).order_by(*(staged.c[k] for k in keys))
     connection.execute(build(postgresql.insert(table).from_select(columns, select)))
     connection.exec_driver_sql(f"DROP TABLE {stage}")
@@ -473,6 +508,7 @@ def write_shard(
     for the dicts.
     """
     now = _now()
+    _require_models_runs(session, {model_id}, {run_id})
     files = _normalise_instances(instances)
     outcome_rows = _normalise_outcomes(outcomes)
     prediction_rows = _normalise_predictions(predictions)
@@ -585,7 +621,7 @@ def write_shard(
             "run_id": run_id,
             "predicted_at": now,
         }
-    upsert_image_predictions(session, list(kept.values()), force=force)
+    upsert_image_predictions(session, list(kept.values()), force=force, verify=False)
 
     # 5. One outcome per file.
     content_by_uri = {r["source_uri"]: r["content_sha256"] for r in files}
@@ -654,16 +690,19 @@ def write_shard(
 
 
 def upsert_image_predictions(
-    session: Session, rows: list[dict[str, Any]], *, force: bool = False
+    session: Session, rows: list[dict[str, Any]], *, force: bool = False, verify: bool = True
 ) -> None:
-    """Upsert image_predictions rows (all columns given, unique on sop_instance_uid+model_id).
+    """Upsert image_predictions rows (every column given; unique on sop_instance_uid+model_id).
 
-    ``write_shard`` calls this; it is public for bulk loads and the benchmark. The instances
-    must exist.
+    ``write_shard`` calls this (with ``verify=False``: it has checked the references already);
+    it is public for bulk loads and the benchmark. With ``verify`` the models, runs and
+    instances the rows refer to must exist (one set-based check per call).
     """
     table = ImagePrediction.__table__
     keys = ["sop_instance_uid", "model_id"]
     compare = ["study_instance_uid", "score", "label", "threshold", "preprocessing_sha256"]
+    if verify and rows:
+        _require_models_runs(session, {r["model_id"] for r in rows}, {r["run_id"] for r in rows})
     _upsert(
         session,
         table,
@@ -672,7 +711,57 @@ def upsert_image_predictions(
         build=lambda ins: _on_conflict(
             ins, table, keys, [*compare, "run_id", "predicted_at"], compare, force
         ),
+        verify=_verify_instances if verify else None,
     )
+
+
+def _verify_instances(session: Session, rows: list[dict[str, Any]], staged: Any) -> None:
+    """Every row's (sop_instance_uid, study_instance_uid) must be a stored instance."""
+    instances = Instance.__table__
+    if staged is not None:
+        orphans = session.execute(
+            sa.select(staged.c.sop_instance_uid, staged.c.study_instance_uid)
+            .outerjoin(instances, instances.c.sop_instance_uid == staged.c.sop_instance_uid)
+            .where(
+                sa.or_(
+                    instances.c.sop_instance_uid.is_(None),
+                    instances.c.study_instance_uid != staged.c.study_instance_uid,
+                )
+            )
+            .limit(3)
+        ).all()
+    else:
+        stored = _stored_instances(session, sorted({r["sop_instance_uid"] for r in rows}))
+        orphans = [
+            (r["sop_instance_uid"], r["study_instance_uid"])
+            for r in rows
+            if stored.get(r["sop_instance_uid"], {}).get("study_instance_uid")
+            != r["study_instance_uid"]
+        ][:3]
+    if orphans:
+        sop, study = orphans[0]
+        raise ValueError(
+            f"image prediction for SOP Instance UID {sop} (study {study}) has no matching stored "
+            "instance; write the instance first (write_shard does both)"
+        )
+
+
+def _require_models_runs(session: Session, model_ids: set[int], run_ids: set[int]) -> None:
+    models, runs = Model.__table__, Run.__table__
+    found = set(
+        session.execute(
+            sa.select(models.c.model_id).where(models.c.model_id.in_(sorted(model_ids)))
+        ).scalars()
+    )
+    if model_ids - found:
+        raise ValueError(f"model_id {sorted(model_ids - found)} not registered")
+    found = set(
+        session.execute(
+            sa.select(runs.c.run_id).where(runs.c.run_id.in_(sorted(run_ids)))
+        ).scalars()
+    )
+    if run_ids - found:
+        raise ValueError(f"run_id {sorted(run_ids - found)} does not exist (start_run first)")
 
 
 def _normalise_instances(instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -755,19 +844,17 @@ def _normalise_predictions(predictions: list[dict[str, Any]]) -> list[dict[str, 
     return rows
 
 
-def _stored_instances(session: Session, uids: Sequence[str]) -> dict[str, dict[str, Any]]:
+def _stored_instances(session: Session, uids: Iterable[str]) -> dict[str, dict[str, Any]]:
     table = Instance.__table__
     found: dict[str, dict[str, Any]] = {}
-    for chunk in _chunks(uids):
-        result = session.execute(
-            sa.select(
-                table.c.sop_instance_uid,
-                table.c.content_sha256,
-                table.c.source_uri,
-                table.c.study_instance_uid,
-            ).where(table.c.sop_instance_uid.in_(chunk))
-        )
-        for row in result.mappings():
+    columns = (
+        table.c.sop_instance_uid,
+        table.c.content_sha256,
+        table.c.source_uri,
+        table.c.study_instance_uid,
+    )
+    for where in _member_of(session, table.c.sop_instance_uid, uids):
+        for row in session.execute(sa.select(*columns).where(where)).mappings():
             found[row["sop_instance_uid"]] = dict(row)
     return found
 
@@ -873,20 +960,18 @@ def upsert_study_predictions(
     if study_uids is None:
         session.execute(statement(sa.true()))
         return
-    for chunk in _chunks(sorted(set(study_uids))):
-        session.execute(statement(ip.c.study_instance_uid.in_(chunk)))
+    for where in _member_of(session, ip.c.study_instance_uid, study_uids):
+        session.execute(statement(where))
 
 
 def predicted_sop_uids(session: Session, model_id: int, sop_uids: Iterable[str]) -> set[str]:
     """The subset of ``sop_uids`` this model version already predicted (the planner's skip)."""
     table = ImagePrediction.__table__
     found: set[str] = set()
-    for chunk in _chunks(sorted(set(sop_uids))):
+    for where in _member_of(session, table.c.sop_instance_uid, sop_uids):
         found.update(
             session.execute(
-                sa.select(table.c.sop_instance_uid).where(
-                    table.c.model_id == model_id, table.c.sop_instance_uid.in_(chunk)
-                )
+                sa.select(table.c.sop_instance_uid).where(table.c.model_id == model_id, where)
             ).scalars()
         )
     return found
@@ -965,3 +1050,53 @@ def set_watermark(
         ),
         row,
     )
+
+
+# --- integrity audit ------------------------------------------------------------------------
+
+_INTEGRITY_CHECKS = {
+    "image_predictions_without_instance": """
+        SELECT COUNT(*) FROM image_predictions AS p
+        WHERE NOT EXISTS (
+            SELECT 1 FROM instances AS i WHERE i.sop_instance_uid = p.sop_instance_uid)""",
+    "image_predictions_with_other_study": """
+        SELECT COUNT(*) FROM image_predictions AS p
+        JOIN instances AS i ON i.sop_instance_uid = p.sop_instance_uid
+        WHERE i.study_instance_uid <> p.study_instance_uid""",
+    "image_predictions_without_model": """
+        SELECT COUNT(*) FROM image_predictions AS p
+        WHERE NOT EXISTS (SELECT 1 FROM models AS m WHERE m.model_id = p.model_id)""",
+    "image_predictions_without_run": """
+        SELECT COUNT(*) FROM image_predictions AS p
+        WHERE NOT EXISTS (SELECT 1 FROM runs AS r WHERE r.run_id = p.run_id)""",
+    "file_outcomes_without_model": """
+        SELECT COUNT(*) FROM file_outcomes AS o
+        WHERE NOT EXISTS (SELECT 1 FROM models AS m WHERE m.model_id = o.model_id)""",
+    "file_outcomes_without_run": """
+        SELECT COUNT(*) FROM file_outcomes AS o
+        WHERE NOT EXISTS (SELECT 1 FROM runs AS r WHERE r.run_id = o.run_id)""",
+    "predicted_outcomes_without_prediction": """
+        SELECT COUNT(*) FROM file_outcomes AS o
+        WHERE o.outcome = 'predicted' AND NOT EXISTS (
+            SELECT 1 FROM image_predictions AS p
+            WHERE p.sop_instance_uid = o.sop_instance_uid AND p.model_id = o.model_id)""",
+    "instances_without_study": """
+        SELECT COUNT(*) FROM instances AS i
+        WHERE NOT EXISTS (
+            SELECT 1 FROM studies AS s WHERE s.study_instance_uid = i.study_instance_uid)""",
+    "instances_without_run": """
+        SELECT COUNT(*) FROM instances AS i
+        WHERE i.first_seen_run_id IS NOT NULL AND NOT EXISTS (
+            SELECT 1 FROM runs AS r WHERE r.run_id = i.first_seen_run_id)""",
+}
+
+
+def check_integrity(session: Session) -> dict[str, int]:
+    """Count rows breaking a reference the per-file tables do not enforce with FOREIGN KEYs.
+
+    Returns ``{check name: number of offending rows}``; all zeros means consistent. Full
+    scans: meant for an occasional ``cxr-screen db check``, not for every run.
+    """
+    return {
+        name: session.execute(sa.text(sql)).scalar_one() for name, sql in _INTEGRITY_CHECKS.items()
+    }

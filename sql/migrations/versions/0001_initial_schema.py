@@ -23,6 +23,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 JSON = postgresql.JSONB().with_variant(sa.JSON(), "sqlite")
+TEXT = sa.Text().with_variant(postgresql.TEXT(collation="C"), "postgresql")
 TIMESTAMP = sa.DateTime(timezone=True)
 NOW = sa.text("CURRENT_TIMESTAMP")
 
@@ -223,24 +224,26 @@ def _index(table: str, *columns: str) -> None:
 
 
 def upgrade() -> None:
+    # instances, file_outcomes and image_predictions have no FOREIGN KEYs on purpose (bulk
+    # speed); sql.writes checks references per call and check_integrity() audits them.
     op.create_table(
         "models",
         _id("model_id"),
-        sa.Column("name", sa.Text(), nullable=False),
-        sa.Column("version", sa.Text(), nullable=False),
-        sa.Column("sha256", sa.Text(), nullable=False),
-        sa.Column("format", sa.Text(), nullable=True),
-        sa.Column("architecture", sa.Text(), nullable=False),
+        sa.Column("name", TEXT, nullable=False),
+        sa.Column("version", TEXT, nullable=False),
+        sa.Column("sha256", TEXT, nullable=False),
+        sa.Column("format", TEXT, nullable=True),
+        sa.Column("architecture", TEXT, nullable=False),
         sa.Column("arch_kwargs", JSON, nullable=False),
         sa.Column("class_names", JSON, nullable=False),
-        sa.Column("positive_class", sa.Text(), nullable=False),
+        sa.Column("positive_class", TEXT, nullable=False),
         sa.Column("threshold", sa.Double(), nullable=False),
         sa.Column("input_size", sa.Integer(), nullable=False),
         sa.Column("preprocessing", JSON, nullable=False),
-        sa.Column("preprocessing_sha256", sa.Text(), nullable=False),
+        sa.Column("preprocessing_sha256", TEXT, nullable=False),
         sa.Column("metrics", JSON, nullable=False),
         sa.Column("provenance", JSON, nullable=False),
-        sa.Column("notes", sa.Text(), nullable=True),
+        sa.Column("notes", TEXT, nullable=True),
         sa.Column("checkpoint_metadata", JSON, nullable=False),
         sa.Column("created_at", TIMESTAMP, server_default=NOW, nullable=False),
         sa.CheckConstraint(
@@ -253,20 +256,20 @@ def upgrade() -> None:
     op.create_table(
         "runs",
         _id("run_id"),
-        sa.Column("kind", sa.Text(), nullable=False),
-        sa.Column("source", sa.Text(), nullable=True),
+        sa.Column("kind", TEXT, nullable=False),
+        sa.Column("source", TEXT, nullable=True),
         sa.Column("parameters", JSON, nullable=False),
         sa.Column("selection_policy", JSON, nullable=False),
         sa.Column("model_id", sa.Integer(), nullable=True),
-        sa.Column("status", sa.Text(), nullable=False),
+        sa.Column("status", TEXT, nullable=False),
         sa.Column("files_seen", sa.Integer(), server_default="0", nullable=False),
         sa.Column("predicted", sa.Integer(), server_default="0", nullable=False),
         sa.Column("skipped", sa.Integer(), server_default="0", nullable=False),
         sa.Column("failed", sa.Integer(), server_default="0", nullable=False),
         sa.Column("started_at", TIMESTAMP, nullable=False),
         sa.Column("finished_at", TIMESTAMP, nullable=True),
-        sa.Column("prefect_flow_run_id", sa.Text(), nullable=True),
-        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("prefect_flow_run_id", TEXT, nullable=True),
+        sa.Column("error", TEXT, nullable=True),
         sa.CheckConstraint(
             "kind IN ('nightly', 'reprocess', 'train', 'demo')", name=op.f("ck_runs_kind")
         ),
@@ -285,10 +288,10 @@ def upgrade() -> None:
 
     op.create_table(
         "studies",
-        sa.Column("study_instance_uid", sa.Text(), nullable=False),
-        sa.Column("accession_number", sa.Text(), nullable=True),
+        sa.Column("study_instance_uid", TEXT, nullable=False),
+        sa.Column("accession_number", TEXT, nullable=True),
         sa.Column("study_date", sa.Date(), nullable=True),
-        sa.Column("patient_id_hash", sa.Text(), nullable=True),
+        sa.Column("patient_id_hash", TEXT, nullable=True),
         sa.Column("first_seen_run_id", sa.Integer(), nullable=True),
         sa.Column("created_at", TIMESTAMP, server_default=NOW, nullable=False),
         _fk("studies", "first_seen_run_id", "runs.run_id"),
@@ -300,42 +303,41 @@ def upgrade() -> None:
 
     op.create_table(
         "instances",
-        sa.Column("sop_instance_uid", sa.Text(), nullable=False),
-        sa.Column("study_instance_uid", sa.Text(), nullable=False),
-        sa.Column("series_instance_uid", sa.Text(), nullable=True),
-        sa.Column("modality", sa.Text(), nullable=True),
-        sa.Column("body_part", sa.Text(), nullable=True),
-        sa.Column("view_position", sa.Text(), nullable=True),
-        sa.Column("photometric_interpretation", sa.Text(), nullable=True),
+        sa.Column("sop_instance_uid", TEXT, nullable=False),
+        sa.Column("study_instance_uid", TEXT, nullable=False),
+        sa.Column("series_instance_uid", TEXT, nullable=True),
+        sa.Column("modality", TEXT, nullable=True),
+        sa.Column("body_part", TEXT, nullable=True),
+        sa.Column("view_position", TEXT, nullable=True),
+        sa.Column("photometric_interpretation", TEXT, nullable=True),
         sa.Column("rows", sa.Integer(), nullable=True),
         sa.Column("columns", sa.Integer(), nullable=True),
         sa.Column("bits_stored", sa.Integer(), nullable=True),
         sa.Column("pixel_representation", sa.Integer(), nullable=True),
         sa.Column("number_of_frames", sa.Integer(), nullable=True),
-        sa.Column("transfer_syntax_uid", sa.Text(), nullable=True),
+        sa.Column("transfer_syntax_uid", TEXT, nullable=True),
         sa.Column("study_date", sa.Date(), nullable=True),
-        sa.Column("accession_number", sa.Text(), nullable=True),
-        sa.Column("patient_id_hash", sa.Text(), nullable=True),
-        sa.Column("content_sha256", sa.Text(), nullable=False),
-        sa.Column("source_uri", sa.Text(), nullable=False),
+        sa.Column("accession_number", TEXT, nullable=True),
+        sa.Column("patient_id_hash", TEXT, nullable=True),
+        sa.Column("content_sha256", TEXT, nullable=False),
+        sa.Column("source_uri", TEXT, nullable=False),
         sa.Column("first_seen_run_id", sa.Integer(), nullable=True),
         sa.Column("created_at", TIMESTAMP, server_default=NOW, nullable=False),
-        _fk("instances", "first_seen_run_id", "runs.run_id"),
         sa.PrimaryKeyConstraint("sop_instance_uid", name=op.f("pk_instances")),
     )
     _index("instances", "study_instance_uid")
 
     op.create_table(
         "file_outcomes",
-        sa.Column("source_uri", sa.Text(), nullable=False),
+        sa.Column("source_uri", TEXT, nullable=False),
         sa.Column("model_id", sa.Integer(), nullable=False),
-        sa.Column("sop_instance_uid", sa.Text(), nullable=True),
-        sa.Column("study_instance_uid", sa.Text(), nullable=True),
-        sa.Column("content_sha256", sa.Text(), nullable=True),
-        sa.Column("outcome", sa.Text(), nullable=False),
-        sa.Column("reason", sa.Text(), nullable=True),
+        sa.Column("sop_instance_uid", TEXT, nullable=True),
+        sa.Column("study_instance_uid", TEXT, nullable=True),
+        sa.Column("content_sha256", TEXT, nullable=True),
+        sa.Column("outcome", TEXT, nullable=False),
+        sa.Column("reason", TEXT, nullable=True),
         sa.Column("facts", JSON, nullable=False),
-        sa.Column("thumbnail_path", sa.Text(), nullable=True),
+        sa.Column("thumbnail_path", TEXT, nullable=True),
         sa.Column("run_id", sa.Integer(), nullable=False),
         sa.Column("updated_at", TIMESTAMP, nullable=False),
         sa.CheckConstraint(
@@ -345,43 +347,35 @@ def upgrade() -> None:
         sa.CheckConstraint(
             "outcome IN ('predicted', 'skipped', 'failed')", name=op.f("ck_file_outcomes_outcome")
         ),
-        _fk("file_outcomes", "model_id", "models.model_id"),
-        _fk("file_outcomes", "run_id", "runs.run_id"),
         sa.PrimaryKeyConstraint("source_uri", "model_id", name=op.f("pk_file_outcomes")),
     )
-    _index("file_outcomes", "model_id", "outcome")
     _index("file_outcomes", "run_id")
-    _index("file_outcomes", "sop_instance_uid")
+    _index("file_outcomes", "sop_instance_uid", "model_id")
     _index("file_outcomes", "study_instance_uid")
 
     op.create_table(
         "image_predictions",
-        sa.Column("sop_instance_uid", sa.Text(), nullable=False),
+        sa.Column("sop_instance_uid", TEXT, nullable=False),
         sa.Column("model_id", sa.Integer(), nullable=False),
-        sa.Column("study_instance_uid", sa.Text(), nullable=False),
+        sa.Column("study_instance_uid", TEXT, nullable=False),
         sa.Column("score", sa.Double(), nullable=False),
         sa.Column("label", sa.Boolean(), nullable=False),
         sa.Column("threshold", sa.Double(), nullable=False),
-        sa.Column("preprocessing_sha256", sa.Text(), nullable=False),
+        sa.Column("preprocessing_sha256", TEXT, nullable=False),
         sa.Column("run_id", sa.Integer(), nullable=False),
         sa.Column("predicted_at", TIMESTAMP, nullable=False),
         sa.CheckConstraint(
             "score >= 0 AND score <= 1", name=op.f("ck_image_predictions_score_range")
         ),
-        _fk("image_predictions", "model_id", "models.model_id"),
-        _fk("image_predictions", "run_id", "runs.run_id"),
-        _fk("image_predictions", "sop_instance_uid", "instances.sop_instance_uid"),
         sa.PrimaryKeyConstraint("sop_instance_uid", "model_id", name=op.f("pk_image_predictions")),
     )
-    _index("image_predictions", "model_id", "study_instance_uid")
-    _index("image_predictions", "run_id")
-    _index("image_predictions", "study_instance_uid")
+    _index("image_predictions", "study_instance_uid", "model_id")
 
     op.create_table(
         "study_predictions",
-        sa.Column("study_instance_uid", sa.Text(), nullable=False),
+        sa.Column("study_instance_uid", TEXT, nullable=False),
         sa.Column("model_id", sa.Integer(), nullable=False),
-        sa.Column("aggregation", sa.Text(), nullable=False),
+        sa.Column("aggregation", TEXT, nullable=False),
         sa.Column("n_images", sa.Integer(), nullable=False),
         sa.Column("score", sa.Double(), nullable=False),
         sa.Column("label", sa.Boolean(), nullable=False),
@@ -409,11 +403,11 @@ def upgrade() -> None:
     op.create_table(
         "reviews",
         _id("review_id"),
-        sa.Column("study_instance_uid", sa.Text(), nullable=False),
+        sa.Column("study_instance_uid", TEXT, nullable=False),
         sa.Column("model_id", sa.Integer(), nullable=True),
-        sa.Column("decision", sa.Text(), nullable=False),
-        sa.Column("reviewer", sa.Text(), nullable=False),
-        sa.Column("note", sa.Text(), nullable=True),
+        sa.Column("decision", TEXT, nullable=False),
+        sa.Column("reviewer", TEXT, nullable=False),
+        sa.Column("note", TEXT, nullable=True),
         sa.Column("created_at", TIMESTAMP, server_default=NOW, nullable=False),
         sa.CheckConstraint(
             "decision IN ('agree', 'disagree', 'uncertain')", name=op.f("ck_reviews_decision")
@@ -427,11 +421,11 @@ def upgrade() -> None:
     op.create_table(
         "uid_conflicts",
         _id("conflict_id"),
-        sa.Column("sop_instance_uid", sa.Text(), nullable=False),
-        sa.Column("existing_source_uri", sa.Text(), nullable=False),
-        sa.Column("existing_content_sha256", sa.Text(), nullable=False),
-        sa.Column("new_source_uri", sa.Text(), nullable=False),
-        sa.Column("new_content_sha256", sa.Text(), nullable=False),
+        sa.Column("sop_instance_uid", TEXT, nullable=False),
+        sa.Column("existing_source_uri", TEXT, nullable=False),
+        sa.Column("existing_content_sha256", TEXT, nullable=False),
+        sa.Column("new_source_uri", TEXT, nullable=False),
+        sa.Column("new_content_sha256", TEXT, nullable=False),
         sa.Column("run_id", sa.Integer(), nullable=False),
         sa.Column("detected_at", TIMESTAMP, nullable=False),
         _fk("uid_conflicts", "run_id", "runs.run_id"),
@@ -447,7 +441,7 @@ def upgrade() -> None:
 
     op.create_table(
         "watermarks",
-        sa.Column("name", sa.Text(), nullable=False),
+        sa.Column("name", TEXT, nullable=False),
         sa.Column("value", TIMESTAMP, nullable=False),
         sa.Column("detail", JSON, nullable=False),
         sa.Column("run_id", sa.Integer(), nullable=True),

@@ -1,0 +1,234 @@
+"""Benchmark: bulk upserts of image predictions on PostgreSQL (and SQLite for reference).
+
+    .venv/bin/python benchmarks/bench_upsert.py            # 100k rows, both databases
+    .venv/bin/python benchmarks/bench_upsert.py --rows 20000 --only postgresql
+
+For each database it creates a scratch database (PostgreSQL: a throwaway database on the
+server named by --pg-admin-url, dropped afterwards; SQLite: a file in a temp folder), inserts
+the instances the predictions refer to (timed separately), then times, each in one
+transaction:
+
+  insert      N new predictions            (PostgreSQL: COPY into a staging table + one upsert)
+  no-op       the same N again, unchanged  (ON CONFLICT ... WHERE something differs: no writes)
+  force       the same N with new scores   (updated in place)
+  executemany N new predictions without the COPY path (PostgreSQL only, for comparison)
+  write_shard N files in shards of 256 (instances + outcomes + predictions + study
+              aggregation, one transaction per shard), as the pipeline writes them
+
+and prints rows/s. Numbers, not assertions: the target is >= 50,000 rows/s for the PostgreSQL
+insert of 100k predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from sql import db, writes
+
+SHARD = 256  # files per write_shard call, as in the pipeline
+PRE_SHA = hashlib.sha256(b"bench preprocessing").hexdigest()
+
+
+def _metadata(version: str) -> dict:
+    return {
+        "format": "cxr-screen-checkpoint/1",
+        "name": "bench",
+        "version": version,
+        "architecture": "lg_mobilenet_v2",
+        "arch_kwargs": {},
+        "class_names": ["normal", "abnormal"],
+        "positive_class": "abnormal",
+        "threshold": 0.5,
+        "input_size": 150,
+        "preprocessing": {},
+        "preprocessing_sha256": PRE_SHA,
+        "provenance": {},
+        "metrics": {},
+        "notes": "",
+    }
+
+
+def _instances(n: int, prefix: str) -> list[dict]:
+    return [
+        {
+            "sop_instance_uid": f"1.2.826.0.1.{prefix}.{i}",
+            "study_instance_uid": f"1.2.826.0.2.{prefix}.{i // 2}",
+            "source_uri": f"file:///bench/{prefix}/{i:07d}.dcm",
+            "content_sha256": hashlib.sha256(f"{prefix}{i}".encode()).hexdigest(),
+            "modality": "CR",
+            "body_part": "CHEST",
+            "view_position": "PA",
+            "rows": 2048,
+            "columns": 2048,
+            "study_date": "20240102",
+        }
+        for i in range(n)
+    ]
+
+
+def _prediction_rows(instances: list[dict], model_id: int, run_id: int, shift: float) -> list:
+    now = dt.datetime.now(dt.UTC)
+    rows = []
+    for i, inst in enumerate(instances):
+        score = ((i * 7919) % 1000) / 1000 * (1 - shift) + shift / 2
+        rows.append(
+            {
+                "sop_instance_uid": inst["sop_instance_uid"],
+                "model_id": model_id,
+                "study_instance_uid": inst["study_instance_uid"],
+                "score": score,
+                "label": score >= 0.5,
+                "threshold": 0.5,
+                "preprocessing_sha256": PRE_SHA,
+                "run_id": run_id,
+                "predicted_at": now,
+            }
+        )
+    return rows
+
+
+def _timed(label: str, n: int, fn: Callable[[], None], results: list) -> None:
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    results.append((label, n, seconds))
+    print(f"  {label:<12} {n:>8} rows  {seconds:7.2f} s  {n / seconds:>10,.0f} rows/s", flush=True)
+
+
+def bench(url: str, n: int) -> list:
+    engine = db.connect(url)
+    Session = db.session_factory(engine)
+    results: list = []
+    try:
+        with Session.begin() as session:
+            model_a = writes.register_model(
+                session, _metadata("a"), hashlib.sha256(b"a").hexdigest()
+            )
+            model_b = writes.register_model(
+                session, _metadata("b"), hashlib.sha256(b"b").hexdigest()
+            )
+            run_id = writes.start_run(session, kind="demo", model_id=model_a)
+        instances = _instances(n, "p")
+
+        def load_instances():
+            with Session.begin() as session:
+                writes.write_shard(
+                    session,
+                    run_id=run_id,
+                    model_id=model_a,
+                    instances=instances,
+                    outcomes=[],
+                    predictions=[],
+                )
+
+        _timed("instances", n, load_instances, results)
+
+        def upsert(rows, force=False):
+            def go():
+                with Session.begin() as session:
+                    writes.upsert_image_predictions(session, rows, force=force)
+
+            return go
+
+        first = _prediction_rows(instances, model_a, run_id, 0.0)
+        _timed("insert", n, upsert(first), results)
+        _timed("no-op", n, upsert(_prediction_rows(instances, model_a, run_id, 0.0)), results)
+        _timed("force", n, upsert(_prediction_rows(instances, model_a, run_id, 0.1), True), results)
+        if engine.dialect.name == "postgresql":
+            saved = writes.COPY_THRESHOLD
+            writes.COPY_THRESHOLD = 10**12
+            try:
+                rows = _prediction_rows(instances, model_b, run_id, 0.0)
+                _timed("executemany", n, upsert(rows), results)
+            finally:
+                writes.COPY_THRESHOLD = saved
+
+        files = _instances(n, "s")
+        outcomes = [
+            {
+                "source_uri": f["source_uri"],
+                "outcome": "predicted",
+                "sop_instance_uid": f["sop_instance_uid"],
+                "study_instance_uid": f["study_instance_uid"],
+                "facts": {"decoder": "pylibjpeg", "inverted": False},
+                "thumbnail_path": f"thumbs/{i}.png",
+            }
+            for i, f in enumerate(files)
+        ]
+        predictions = [
+            {
+                "source_uri": f["source_uri"],
+                "sop_instance_uid": f["sop_instance_uid"],
+                "score": 0.25,
+                "label": False,
+                "threshold": 0.5,
+                "preprocessing_sha256": PRE_SHA,
+            }
+            for f in files
+        ]
+
+        def shards():
+            for start in range(0, n, SHARD):
+                end = start + SHARD
+                with Session.begin() as session:
+                    result = writes.write_shard(
+                        session,
+                        run_id=run_id,
+                        model_id=model_a,
+                        instances=files[start:end],
+                        outcomes=outcomes[start:end],
+                        predictions=predictions[start:end],
+                    )
+                    writes.upsert_study_predictions(
+                        session, model_a, run_id, study_uids=result.study_uids
+                    )
+
+        _timed("write_shard", n, shards, results)
+        with engine.connect() as conn:
+            count = conn.execute(sa.text("SELECT COUNT(*) FROM image_predictions")).scalar_one()
+        expected = 3 * n if engine.dialect.name == "postgresql" else 2 * n
+        if count != expected:
+            raise RuntimeError(f"expected {expected} image_predictions rows, found {count}")
+    finally:
+        engine.dispose()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument(
+        "--pg-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    )
+    parser.add_argument("--only", choices=["postgresql", "sqlite"])
+    args = parser.parse_args()
+
+    if args.only in (None, "postgresql"):
+        admin = sa.create_engine(args.pg_admin_url, isolation_level="AUTOCOMMIT")
+        name = f"cxr_bench_{uuid.uuid4().hex[:10]}"
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        try:
+            print(f"PostgreSQL ({admin.url.host}), {args.rows} rows:")
+            bench(args.pg_admin_url.rsplit("/", 1)[0] + f"/{name}", args.rows)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            admin.dispose()
+    if args.only in (None, "sqlite"):
+        with tempfile.TemporaryDirectory() as tmp:
+            print(f"SQLite (WAL file), {args.rows} rows:")
+            bench(f"sqlite:///{Path(tmp) / 'bench.db'}", args.rows)
+
+
+if __name__ == "__main__":
+    main()
