@@ -62,7 +62,7 @@ J2K_SYNTAXES = (JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HT
 # tried afterwards in pydicom's own order.
 PLUGIN_PREFERENCE: dict[str, tuple[str, ...]] = {
     RLELossless: ("pylibjpeg", "pydicom", "gdcm"),
-    JPEGBaseline8Bit: ("pylibjpeg", "pillow", "gdcm"),
+    JPEGBaseline8Bit: ("pillow", "pylibjpeg", "gdcm"),
     JPEGExtended12Bit: ("pylibjpeg", "gdcm", "pillow"),
     JPEGLossless: ("gdcm", "pylibjpeg"),
     JPEGLosslessSV1: ("gdcm", "pylibjpeg"),

@@ -15,12 +15,12 @@ The chain, in the order DICOM defines it (PS3.3 C.11, PS3.4 N.2):
    and bone bright in every output;
 6. area (box) resize to ``input_size`` x ``input_size``; replicate to ``channels``; normalise.
 
-Steps 3-5 are composed into one function of the stored value and evaluated once per distinct
-stored value (a lookup table of at most 2^16 entries), then applied to the image with one
-``take``: exact, and much cheaper than float64 arithmetic on every pixel. When the composite is
-affine and no pixel of the image is clipped by the window, the image is resized first and the
-affine map applied to the small image, which is the same computation reordered (area averaging
-commutes with affine maps; float32 rounding aside, well under 1e-5).
+Steps 3-5 are composed into one function of the stored value, evaluated once per distinct
+stored value (a lookup table of at most 2^16 entries) and applied to the image with one
+``take`` into a uint16 image that Pillow resizes without a copy. This is the order DICOM
+defines (window first, then resize: they do not commute where the window clips or is a LUT),
+to within 5e-5 of float64 arithmetic, and cheaper than float64 per-pixel windowing
+(``apply_voi_lut``) or a float resize.
 """
 
 from __future__ import annotations
@@ -85,14 +85,16 @@ def preprocess(
     reduced: bool = True,
     thumbnail_size: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    reduce_margin: float = REDUCED_MARGIN,
 ) -> Preprocessed:
     """Turn one DICOM image into the tensor ``spec`` describes.
 
     ``src`` is a path, the file's bytes, a binary file object or a ``pydicom.Dataset``.
     ``reduced`` allows JPEG 2000 / baseline JPEG to be decoded at a reduced resolution that
-    still covers the outputs. ``thumbnail_size`` (long side, px) also returns an 8-bit
-    thumbnail. Raises :class:`InputError` (the reason names tag, value and rule) for any file
-    that cannot be used.
+    keeps at least ``reduce_margin`` x ``input_size`` pixels (and the thumbnail's size).
+    ``thumbnail_size`` (long side, px) also returns an 8-bit thumbnail. ``max_pixels`` caps
+    Rows x Columns x frames x samples, checked before decoding. Raises :class:`InputError`
+    (the reason names tag, value and rule) for any file that cannot be used.
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -103,7 +105,8 @@ def preprocess(
         re.sub(r"\s+in file \S.*$", "", " ".join(str(w.message).split())) for w in caught
     ]
     try:
-        return _preprocess(ds, spec, reduced, thumbnail_size, max_pixels, read_warnings)
+        reduce_to = reduce_margin if reduced else None
+        return _preprocess(ds, spec, reduce_to, thumbnail_size, max_pixels, read_warnings)
     except InputError as exc:
         if read_warnings:  # e.g. "End of file reached before delimiter": the likely cause
             raise InputError(f"{exc} (while reading: {'; '.join(read_warnings)[:300]})") from exc
@@ -113,7 +116,7 @@ def preprocess(
 def _preprocess(
     ds: Dataset,
     spec: PreprocessSpec,
-    reduced: bool,
+    reduce_margin: float | None,
     thumbnail_size: int | None,
     max_pixels: int,
     read_warnings: list[str],
@@ -135,11 +138,18 @@ def _preprocess(
 
     size = spec.input_size
     thumb = thumbnail_shape(layout.rows, layout.columns, thumbnail_size) if thumbnail_size else None
-    model_need = math.ceil(size * REDUCED_MARGIN)
-    need = (max(model_need, thumb[0] if thumb else 0), max(model_need, thumb[1] if thumb else 0))
+    need = None
+    if reduce_margin is not None:
+        if reduce_margin < 1.0:
+            raise ValueError(f"reduce_margin should be at least 1 instead of {reduce_margin}")
+        model_need = math.ceil(size * reduce_margin)
+        need = (
+            max(model_need, thumb[0] if thumb else 0),
+            max(model_need, thumb[1] if thumb else 0),
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about padding etc.; outcomes say enough
-        decoded = decode(ds, tsyntax, layout, min_shape=need if reduced else None)
+        decoded = decode(ds, tsyntax, layout, min_shape=need)
     facts.update(_decode_facts(decoded))
 
     stored = decoded.array
@@ -155,7 +165,7 @@ def _preprocess(
     if invert_reason:
         facts["inverted_by"] = invert_reason
 
-    windowed = _windowed_resizer(stored, stats, modality, voi, invert, facts)
+    windowed = _windowed_resizer(stats, modality, voi, invert)
     small = windowed((size, size))
     image = np.empty((spec.channels, size, size), dtype=np.float32)
     for c in range(spec.channels):
@@ -499,12 +509,12 @@ def weighted_percentiles(
 
 @dataclass
 class Transform:
-    """A pixel-value map: ``fn`` on float64/int arrays; ``affine`` = (a, b) when y = a*x + b."""
+    """A pixel-value map ``fn`` (float64/int arrays in, float64 out) and what it is."""
 
     fn: Callable[[np.ndarray], np.ndarray]
-    affine: tuple[float, float] | None
     facts: dict[str, Any]
-    rejected: str | None = None
+    increasing: bool = False  # known to preserve order (then sorting can be skipped)
+    rejected: str | None = None  # why a DICOM VOI was not used
 
 
 def modality_transform(ds: Dataset, layout: PixelLayout) -> Transform:
@@ -520,7 +530,7 @@ def modality_transform(ds: Dataset, layout: PixelLayout) -> Transform:
         facts = {"source": "lut", "entries": len(data), "first_mapped": first, "bits": bits}
         if "RescaleSlope" in ds or "RescaleIntercept" in ds:
             facts["rescale_ignored"] = True
-        return Transform(apply_lut, None, facts)
+        return Transform(apply_lut, facts)
 
     slope = _float_or(ds, "RescaleSlope", "(0028,1053)", 1.0)
     intercept = _float_or(ds, "RescaleIntercept", "(0028,1052)", 0.0)
@@ -536,7 +546,7 @@ def modality_transform(ds: Dataset, layout: PixelLayout) -> Transform:
     def apply_rescale(x: np.ndarray) -> np.ndarray:
         return np.asarray(x, dtype=np.float64) * slope + intercept
 
-    return Transform(apply_rescale, (slope, intercept), facts)
+    return Transform(apply_rescale, facts, increasing=slope > 0)
 
 
 def _float_or(ds: Dataset, keyword: str, tag: str, default: float) -> float:
@@ -581,7 +591,7 @@ def _lut(item: Dataset, where: str) -> tuple[int, np.ndarray, int]:
 def voi_transform(
     ds: Dataset, spec: PreprocessSpec, modality: Transform, stats: StoredValues
 ) -> Transform:
-    """Modality values to [0, 1] (unclipped ``affine`` when the map is a clipped line)."""
+    """Modality values to [0, 1]: VOI LUT, window or percentiles, per the spec's policy."""
     rejected: list[str] = []
     if spec.window_policy == "dicom_or_percentile":
         if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
@@ -621,7 +631,7 @@ def _voi_lut(item: Dataset) -> Transform:
     }
     if explanation := item.get("LUTExplanation"):
         facts["explanation"] = str(explanation)
-    return Transform(apply, None, facts)
+    return Transform(apply, facts)
 
 
 def _first(value: Any) -> Any:
@@ -658,20 +668,20 @@ def _window(ds: Dataset) -> Transform | str:
         def sigmoid(x: np.ndarray) -> np.ndarray:
             return 1.0 / (1.0 + np.exp(-4.0 * (np.asarray(x, dtype=np.float64) - centre) / width))
 
-        return Transform(sigmoid, None, facts)
+        return Transform(sigmoid, facts)
     if function == "LINEAR" and width == 1.0:
 
         def threshold(x: np.ndarray) -> np.ndarray:
             return (np.asarray(x, dtype=np.float64) > centre - 0.5).astype(np.float64)
 
-        return Transform(threshold, None, facts)
+        return Transform(threshold, facts)
     if function == "LINEAR":  # PS3.3 C.11.2.1.2.1
         a = 1.0 / (width - 1.0)
         b = 0.5 - (centre - 0.5) * a
     else:  # LINEAR_EXACT, C.11.2.1.3.2
         a = 1.0 / width
         b = 0.5 - centre * a
-    return Transform(_clipped_line(a, b), (a, b), facts)
+    return Transform(_clipped_line(a, b), facts)
 
 
 def _clipped_line(a: float, b: float) -> Callable[[np.ndarray], np.ndarray]:
@@ -686,7 +696,7 @@ def _percentile_window(spec: PreprocessSpec, modality: Transform, stats: StoredV
     present = counts > 0
     values = modality.fn(stats.domain[present])
     weights = counts[present]
-    if modality.affine is None or modality.affine[0] < 0:
+    if not modality.increasing:
         order = np.argsort(values, kind="stable")
         values, weights = values[order], weights[order]
     low, high = weighted_percentiles(values, weights, spec.percentiles)
@@ -702,7 +712,7 @@ def _percentile_window(spec: PreprocessSpec, modality: Transform, stats: StoredV
         high = low + 1.0
     a = 1.0 / (high - low)
     b = -low * a
-    return Transform(_clipped_line(a, b), (a, b), facts)
+    return Transform(_clipped_line(a, b), facts)
 
 
 def inversion(ds: Dataset, photometric: str) -> tuple[bool, str | None]:
@@ -718,43 +728,30 @@ def inversion(ds: Dataset, photometric: str) -> tuple[bool, str | None]:
 # -- window + resize ----------------------------------------------------------------------------
 
 
+DISPLAY_LEVELS = 65535
+"""The windowed [0, 1] image is held as uint16 (value * 65535) while it is resized."""
+
+
 def _windowed_resizer(
-    stored: np.ndarray,
-    stats: StoredValues,
-    modality: Transform,
-    voi: Transform,
-    invert: bool,
-    facts: dict[str, Any],
+    stats: StoredValues, modality: Transform, voi: Transform, invert: bool
 ) -> Callable[[tuple[int, int]], np.ndarray]:
-    """A function (rows, cols) -> float32 [0, 1] image, area-resized from the windowed image."""
-    if modality.affine is not None and voi.affine is not None:
-        m, c = modality.affine
-        a, b = voi.affine
-        slope, offset = a * m, a * c + b
-        ends = (slope * stats.min + offset, slope * stats.max + offset)
-        if min(ends) >= 0.0 and max(ends) <= 1.0:  # no pixel clipped: resize, then window
-            if invert:
-                slope, offset = -slope, 1.0 - offset
-            source = Image.fromarray(stored.astype(np.float32))
-            facts["window_order"] = "resize_then_window"
+    """A function (rows, cols) -> float32 [0, 1] image, area-resized from the windowed image.
 
-            def affine_after(shape: tuple[int, int]) -> np.ndarray:
-                small = np.asarray(source.resize((shape[1], shape[0]), Image.Resampling.BOX))
-                out = small * np.float32(slope) + np.float32(offset)
-                return np.clip(out, 0.0, 1.0, out=out)
-
-            return affine_after
-
+    Modality LUT, VOI and inversion are evaluated once per distinct stored value and quantised
+    to 16 bits (1/65535); one ``take`` windows the image and Pillow's BOX filter resizes the
+    uint16 image without copying it. Against float64 arithmetic on every pixel followed by a
+    float resize the result differs by less than 5e-5 (measured up to 3.1e-5: quantisation
+    plus Pillow's rounding of I;16 output), in the order DICOM defines (window, then resize)
+    whether or not the window clips.
+    """
     table = voi.fn(modality.fn(stats.domain))
     if invert:
         table = 1.0 - table
-    table = table.astype(np.float32)
-    windowed = np.take(table, stats.index)
-    source = Image.fromarray(windowed)
-    facts["window_order"] = "window_then_resize"
+    table = np.rint(np.clip(table, 0.0, 1.0) * DISPLAY_LEVELS).astype(np.uint16)
+    source = Image.fromarray(np.take(table, stats.index))
 
-    def window_first(shape: tuple[int, int]) -> np.ndarray:
+    def resized(shape: tuple[int, int]) -> np.ndarray:
         out = np.asarray(source.resize((shape[1], shape[0]), Image.Resampling.BOX))
-        return np.clip(out, 0.0, 1.0)
+        return out.astype(np.float32) / np.float32(DISPLAY_LEVELS)
 
-    return window_first
+    return resized

@@ -20,6 +20,7 @@ from tasks.outcomes import InputError
 from tasks.thumbnails import thumbnail_shape, write_thumbnail
 
 SPEC = PreprocessSpec()
+TOL = 5e-5  # the pixel path vs float64 arithmetic: 16-bit display levels + Pillow's I;16 rounding
 
 
 def unit(image: np.ndarray, spec: PreprocessSpec = SPEC, channel: int = 0) -> np.ndarray:
@@ -95,7 +96,7 @@ def test_monochrome1_equals_monochrome2_after_inversion(tmp_path, window):
     assert a.facts["inverted"] is True and b.facts["inverted"] is False
     # DICOM's LINEAR window is offset by half a value (c - 0.5), which inversion does not
     # mirror: 1 / (width - 1) apart at most; percentile windows are mirror-exact
-    np.testing.assert_allclose(unit(a.image), unit(b.image), atol=1e-3 if window else 1e-6)
+    np.testing.assert_allclose(unit(a.image), unit(b.image), atol=1e-3 if window else TOL)
     # bright = bone: the lung fields (phantom ellipses at x 0.3/0.7) are darker than the midline
     u = unit(a.image)
     assert u[60:90, 35:55].mean() + 0.1 < u[60:90, 68:82].mean()
@@ -108,10 +109,10 @@ def test_presentation_lut_inverse_inverts_monochrome2(tmp_path):
     ds.PresentationLUTShape = "INVERSE"
     inv = px.preprocess(ds, SPEC)
     assert inv.facts["inverted_by"].startswith("(2050,0020)")
-    np.testing.assert_allclose(unit(inv.image), 1.0 - unit(plain.image), atol=1e-5)
+    np.testing.assert_allclose(unit(inv.image), 1.0 - unit(plain.image), atol=TOL)
 
 
-@pytest.mark.parametrize("scale", [1.4, 0.6])  # wide: no clipping (fast order); narrow: clips
+@pytest.mark.parametrize("scale", [1.4, 0.6])  # wide: nothing clipped; narrow: clips
 @pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
 def test_dicom_window_matches_the_standard(tmp_path, scale, function):
     path = write(
@@ -131,10 +132,8 @@ def test_dicom_window_matches_the_standard(tmp_path, scale, function):
         "width": w,
         "function": function,
     }
-    order = "resize_then_window" if scale > 1 and function != "SIGMOID" else "window_then_resize"
-    assert res.facts["window_order"] == order
     np.testing.assert_allclose(
-        unit(res.image), reference(path, formulas[function], False), atol=2e-5
+        unit(res.image), reference(path, formulas[function], False), atol=TOL
     )
 
 
@@ -151,7 +150,7 @@ def test_percentile_window_and_padding(tmp_path):
     assert win["source"] == "percentile" and win["padding_excluded"] == [0, 0]
     np.testing.assert_allclose(win["values"], [lo, hi], rtol=0, atol=1e-9)
     expected = box(np.clip((arr - lo) / (hi - lo), 0, 1), (150, 150))
-    np.testing.assert_allclose(unit(res.image), expected, atol=2e-5)
+    np.testing.assert_allclose(unit(res.image), expected, atol=TOL)
     forced = px.preprocess(path, dataclasses.replace(SPEC, window_policy="percentile"))
     assert forced.facts["window"]["source"] == "percentile"
 
@@ -170,7 +169,7 @@ def test_negative_rescale_slope_flips_the_image(tmp_path):
     pos = write(tmp_path, "p.dcm", window=False, rescale=(1.0, 0.0))
     neg = write(tmp_path, "n.dcm", window=False, rescale=(-1.0, 0.0))
     a, b = px.preprocess(pos, SPEC), px.preprocess(neg, SPEC)
-    np.testing.assert_allclose(unit(b.image), 1.0 - unit(a.image), atol=1e-5)
+    np.testing.assert_allclose(unit(b.image), 1.0 - unit(a.image), atol=TOL)
 
 
 def test_modality_and_voi_lut_sequences(tmp_path):
@@ -193,7 +192,7 @@ def test_modality_and_voi_lut_sequences(tmp_path):
     assert res.facts["window"]["source"] == "voi_lut"
     m = mod_data[stored]
     v = voi_data[np.clip(m - 500, 0, 3000)] / 4095.0
-    np.testing.assert_allclose(unit(res.image), box(v, (150, 150)), atol=2e-5)
+    np.testing.assert_allclose(unit(res.image), box(v, (150, 150)), atol=TOL)
     # without the VOI LUT the percentiles are taken over modality (LUT output) values
     del ds.VOILUTSequence
     res = px.preprocess(ds, SPEC)
@@ -214,9 +213,8 @@ def test_signed_and_unsigned_storage_give_the_same_image(tmp_path):
     spec = dataclasses.replace(SPEC, window_policy="percentile")
     s = write(tmp_path, "s.dcm", signed=True, bits_stored=12)
     u = write(tmp_path, "u.dcm", signed=False, bits_stored=12)
-    np.testing.assert_allclose(
-        px.preprocess(s, spec).image, px.preprocess(u, spec).image, atol=1e-6
-    )
+    a, b = px.preprocess(s, spec), px.preprocess(u, spec)
+    np.testing.assert_allclose(unit(a.image), unit(b.image), atol=TOL)
 
 
 def test_stray_high_bits_are_masked(tmp_path):

@@ -157,7 +157,7 @@ def test_voi_lut_sequence_matches_pydicom():
     res = full("vlut_04.dcm")
     assert res.facts["window"]["source"] == "voi_lut"
     expected = apply_voi_lut(ds.pixel_array, ds, prefer_lut=True) / 65535.0  # 16-bit LUT output
-    np.testing.assert_allclose(unit(res), box(expected), atol=2e-5)
+    np.testing.assert_allclose(unit(res), box(expected), atol=5e-5)
 
 
 def test_modality_lut_sequence_matches_pydicom():
@@ -167,7 +167,7 @@ def test_modality_lut_sequence_matches_pydicom():
     values = apply_modality_lut(ds.pixel_array, ds)
     lo, hi = np.percentile(values, SPEC.percentiles)
     np.testing.assert_allclose(res.facts["window"]["values"], [lo, hi], atol=1e-9)
-    np.testing.assert_allclose(unit(res), box(np.clip((values - lo) / (hi - lo), 0, 1)), atol=2e-5)
+    np.testing.assert_allclose(unit(res), box(np.clip((values - lo) / (hi - lo), 0, 1)), atol=5e-5)
 
 
 def test_rescale_and_window_match_pydicom():
@@ -177,7 +177,7 @@ def test_rescale_and_window_match_pydicom():
     modality = apply_modality_lut(ds.pixel_array, ds)
     c, w = float(ds.WindowCenter), float(ds.WindowWidth)
     expected = np.clip((modality - (c - 0.5)) / (w - 1) + 0.5, 0, 1)
-    np.testing.assert_allclose(unit(res), box(expected), atol=2e-5)
+    np.testing.assert_allclose(unit(res), box(expected), atol=5e-5)
 
 
 # -- other real files that must decode ------------------------------------------------------------
