@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -225,7 +224,7 @@ def _decode_reduced(
     if tsyntax not in J2K_SYNTAXES and tsyntax != JPEGBaseline8Bit:
         return None
     try:
-        frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+        frame = frame_bytes(ds)
     except Exception as exc:
         notes["reduced_fallback"] = f"frame extraction failed: {_one_line(exc)}"
         return None
@@ -405,17 +404,3 @@ def _stored_dtype(layout: PixelLayout) -> np.dtype:
 def frame_bytes(ds: Dataset) -> bytes:
     """The single encapsulated frame of ``ds`` (all fragments joined)."""
     return get_frame(ds.PixelData, 0, number_of_frames=1)
-
-
-def available_decoders(tsyntaxes: Sequence[UID]) -> dict[str, tuple[str, ...]]:
-    """Available full-resolution plugins per transfer syntax, in the order they are tried."""
-    out = {}
-    for uid in tsyntaxes:
-        decoder = get_decoder(uid)
-        if decoder.is_native:
-            out[uid.name] = ("native",)
-            continue
-        avail = decoder.available_plugins
-        pref = [p for p in PLUGIN_PREFERENCE.get(uid, ()) if p in avail]
-        out[uid.name] = tuple(pref + [p for p in avail if p not in pref])
-    return out

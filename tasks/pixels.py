@@ -39,6 +39,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 from pydicom import dcmread
+from pydicom.datadict import dictionary_description, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -59,8 +60,10 @@ REDUCED_MARGIN = 2.0
 Resampling a 1/2^k image to the input size places edges less precisely than resampling the
 full image; with a margin of 1 (the smallest image that still covers 150 px) a chest CR
 (RG1_J2KR) differs from the full-resolution tensor by up to 0.19 of the [0, 1] range at
-collimator edges; with 2 by at most 0.08 (mean 0.003), still ~20x faster than a full JPEG 2000
-decode of a 2000 px image. Thumbnails (for people, not the model) get no margin.
+collimator edges; with 2 by at most 0.08 (mean 0.003). On 2000 px images a margin of 2 means
+k = 2 (1/4 scale): about 10-16x faster than a full lossless JPEG 2000 decode, 6-7x for lossy
+JPEG 2000, whose full decode is cheaper (benchmarks/bench_decode.py). Thumbnails (for people,
+not the model) get no margin.
 """
 
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
@@ -317,20 +320,21 @@ def _required_int(ds: Dataset, keyword: str, tag: str) -> int:
 
 
 def _label(keyword: str) -> str:
-    from pydicom.datadict import dictionary_description, tag_for_keyword
-
     return dictionary_description(tag_for_keyword(keyword))
 
 
 def check_image(ds: Dataset, tsyntax: UID, max_pixels: int) -> tuple[PixelLayout, str]:
     """Validate the pixel attributes before any decoding; InputError names what is wrong."""
     if "PixelData" not in ds:
-        other = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
-        if other:
-            raise InputError(
-                f"'{_label(other[0])}' is not supported: integer (7FE0,0010) 'Pixel Data' is "
-                "required"
-            )
+        for tag, keyword in (
+            ("(7FE0,0008)", "FloatPixelData"),
+            ("(7FE0,0009)", "DoubleFloatPixelData"),
+        ):
+            if keyword in ds:
+                raise InputError(
+                    f"{tag} '{_label(keyword)}' is not supported: integer (7FE0,0010) 'Pixel "
+                    "Data' is required"
+                )
         raise InputError("(7FE0,0010) 'Pixel Data' is missing: the data set holds no image")
     rows = _required_int(ds, "Rows", "(0028,0010)")
     columns = _required_int(ds, "Columns", "(0028,0011)")
