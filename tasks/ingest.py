@@ -1,0 +1,214 @@
+"""From sources to per-file outcomes: discovery, header scan, selection, decoding.
+
+Every discovered file ends in exactly one :class:`ScanItem` outcome here or, for selected files,
+in :func:`decode_item` (which turns a decode failure into a *failed* outcome): nothing that
+concerns one file raises out of these functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.spec import PreprocessSpec
+from tasks.discovery import DEFAULT_LIMITS, ArchiveLimits, SourceFile, discover
+from tasks.headers import InstanceHeader, read_header
+from tasks.outcomes import InputError, Outcome, SkipReason
+from tasks.pixels import preprocess
+from tasks.selection import DEFAULT_POLICY, SelectionPolicy, select
+from tasks.thumbnails import write_thumbnail
+
+
+@dataclass
+class ScanItem:
+    """One discovered file after the header scan and selection.
+
+    ``outcome`` is None while the file is selected and awaits decoding and prediction.
+    """
+
+    source: SourceFile
+    header: InstanceHeader | None = None
+    outcome: Outcome | None = None
+    reason: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return self.source.uri
+
+    @property
+    def selected(self) -> bool:
+        return self.outcome is None
+
+
+def scan_file(src: SourceFile, policy: SelectionPolicy, hmac_key: bytes) -> ScanItem:
+    """Header scan and selection for one file; never raises for a bad file."""
+    if src.error is not None:
+        return ScanItem(src, None, Outcome.FAILED, src.error)
+    try:
+        with warnings.catch_warnings():
+            # pydicom's value-validation warnings: the reason a file fails is recorded with it
+            warnings.simplefilter("ignore")
+            header = read_header(src, hmac_key)
+    except SkipReason as exc:
+        return ScanItem(src, None, Outcome.SKIPPED, str(exc))
+    except InputError as exc:
+        return ScanItem(src, None, Outcome.FAILED, str(exc))
+    except Exception as exc:  # a parser bug must not stop the batch: record it with the file
+        return ScanItem(
+            src,
+            None,
+            Outcome.FAILED,
+            f"unexpected error reading the header: {type(exc).__name__}: {exc}",
+        )
+    reason = select(header, policy)
+    if reason is not None:
+        return ScanItem(src, header, Outcome.SKIPPED, reason)
+    return ScanItem(src, header)
+
+
+def scan(
+    sources: Iterable[str | Path],
+    hmac_key: bytes,
+    policy: SelectionPolicy = DEFAULT_POLICY,
+    limits: ArchiveLimits = DEFAULT_LIMITS,
+    newer_than: float | None = None,
+) -> Iterator[ScanItem]:
+    """Stream every discovered file through the header scan and selection.
+
+    ``newer_than`` (a POSIX time) keeps only files that arrived later: their change or
+    modification time on disk (an archive's members share the archive's times).
+    """
+    for src in discover(sources, limits):
+        if newer_than is not None and src.error is None and _arrived(src) <= newer_than:
+            continue
+        yield scan_file(src, policy, hmac_key)
+
+
+def _arrived(src: SourceFile) -> float:
+    # ctime changes when a file is created, moved or copied in, even with preserved mtimes
+    try:
+        st = os.stat(src.path)
+    except OSError:
+        return float("inf")  # let the scan report the problem
+    return max(st.st_mtime, st.st_ctime)
+
+
+def shards(items: Iterable[ScanItem], size: int) -> Iterator[list[ScanItem]]:
+    """Consecutive shards of ``size`` files (any outcome); memory is bounded by ``size``."""
+    if size < 1:
+        raise ValueError(f"shard size should be at least 1 instead of {size}")
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+@dataclass
+class Decoded:
+    """The result of decoding one selected file (in a worker process)."""
+
+    uri: str
+    image: np.ndarray | None = None  # float32 (C, H, W) when decoded
+    content_sha256: str | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+    thumbnail_path: str | None = None
+    error: str | None = None
+
+
+def thumbnail_path_for(thumbnails_dir: str | Path, sop_instance_uid: str) -> Path:
+    """Where an instance's thumbnail lives: fanned out by a hash so folders stay small."""
+    digest = hashlib.sha256(sop_instance_uid.encode()).hexdigest()
+    return Path(thumbnails_dir) / digest[:2] / f"{digest[2:18]}.png"
+
+
+def decode_item(
+    src: SourceFile,
+    sop_instance_uid: str,
+    spec_dict: dict[str, Any],
+    reduced: bool = True,
+    thumbnails_dir: str | None = None,
+    thumbnail_size: int = 256,
+) -> Decoded:
+    """Read, hash and preprocess one selected file; a failure is returned, never raised.
+
+    Module-level and picklable so that a spawn-context process pool can run it.
+    """
+    spec = PreprocessSpec.from_dict(spec_dict)
+    try:
+        data = src.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pre = preprocess(
+                data,
+                spec,
+                reduced=reduced,
+                thumbnail_size=thumbnail_size if thumbnails_dir else None,
+            )
+    except InputError as exc:
+        return Decoded(src.uri, error=str(exc))
+    except MemoryError:
+        return Decoded(src.uri, error="out of memory while decoding the image")
+    except Exception as exc:  # a decoder bug must not stop the batch
+        return Decoded(
+            src.uri, error=f"unexpected error while decoding: {type(exc).__name__}: {exc}"
+        )
+    thumb = None
+    if thumbnails_dir and pre.thumbnail is not None:
+        path = thumbnail_path_for(thumbnails_dir, sop_instance_uid)
+        try:
+            write_thumbnail(pre.thumbnail, path, size=thumbnail_size)
+            thumb = str(path)
+        except OSError as exc:
+            pre.facts["thumbnail_error"] = f"could not write the thumbnail: {exc.strerror or exc}"
+    return Decoded(src.uri, pre.image, digest, pre.facts, thumb)
+
+
+def estimate_total(sources: Iterable[str | Path]) -> int | None:
+    """A cheap count of the files ``discover`` will yield, for progress; None when unknown.
+
+    Counts directory entries and zip members without reading them; a compressed tar stream
+    cannot be counted without decompressing it, so its presence makes the total unknown.
+    """
+    import tarfile
+    import zipfile
+
+    total = 0
+
+    def count_file(path: str) -> int | None:
+        name = os.path.basename(path)
+        if name.startswith(".") or name.upper() == "DICOMDIR":
+            return 0
+        try:
+            if zipfile.is_zipfile(path):
+                with zipfile.ZipFile(path) as zf:
+                    return sum(1 for i in zf.infolist() if not i.is_dir())
+            if tarfile.is_tarfile(path):
+                return None
+        except (OSError, zipfile.BadZipFile, tarfile.TarError):
+            return 1
+        return 1
+
+    for source in sources:
+        source = os.fspath(source)
+        if os.path.isdir(source):
+            for root, dirs, files in os.walk(source):
+                dirs[:] = [d for d in dirs if not d.startswith(".")]
+                for f in files:
+                    n = count_file(os.path.join(root, f))
+                    if n is None:
+                        return None
+                    total += n
+        else:
+            n = count_file(source)
+            if n is None:
+                return None
+            total += n
+    return total
