@@ -73,7 +73,7 @@ def _configure_sqlite(engine: Engine) -> None:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+            # The busy timeout is sqlite3's ``timeout`` connect argument (SQLITE_BUSY_TIMEOUT_S).
         finally:
             cursor.close()
 

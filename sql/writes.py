@@ -329,11 +329,13 @@ def _copy_upsert(
     columns = list(rows[0])
     stage = f"_stage_{table.name}_{uuid.uuid4().hex[:12]}"
     connection = session.connection()
+    column_list = ", ".join(f'"{c}"' for c in columns)
+    # The staged columns with the table's types (collations included), without constraints.
     connection.exec_driver_sql(
-        f"CREATE TEMPORARY TABLE {stage} (LIKE {table.name} INCLUDING DEFAULTS) ON COMMIT DROP"
+        f"CREATE TEMPORARY TABLE {stage} ON COMMIT DROP AS "
+        f"SELECT {column_list} FROM {table.name} WITH NO DATA"
     )
     driver_connection = connection.connection.driver_connection
-    column_list = ", ".join(f'"{c}"' for c in columns)
     # JSON goes in as text (COPY parses it into jsonb); everything else as psycopg adapts it.
     json_columns = [i for i, c in enumerate(columns) if isinstance(table.c[c].type, sa.JSON)]
     with (
@@ -801,6 +803,7 @@ def _normalise_outcomes(outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         facts = item.get("facts") or {}
         if not isinstance(facts, dict):
             raise ValueError(f"facts of {ident} must be a dict, got {type(facts).__name__}")
+        _refuse_patient_keys(f"facts of {ident}", facts)
         content = item.get("content_sha256")
         rows.append(
             {
@@ -819,6 +822,21 @@ def _normalise_outcomes(outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _refuse_patient_keys(what: str, value: Any) -> None:
+    """Patient identifiers never go into free-form JSON (only keyed hashes, in their column)."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            if "patient" in str(key).lower():
+                raise ValueError(
+                    f"{what} has the key {key!r}: patient data is not stored in facts "
+                    "(pass a keyed hash as the instance's patient_id_hash instead)"
+                )
+            _refuse_patient_keys(what, inner)
+    elif isinstance(value, list):
+        for inner in value:
+            _refuse_patient_keys(what, inner)
 
 
 def _normalise_predictions(predictions: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,0 +1,100 @@
+"""PHI: no table ever holds a raw patient identifier or name; only keyed hashes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+
+import pytest
+import sqlalchemy as sa
+from conftest import Shard, file_entry
+
+from sql import writes
+from sql.schema import metadata
+
+RAW_ID = "PID-0048812-X"
+RAW_NAME = "DOE^JANE^Q"
+KEY = b"site secret"
+
+
+def keyed_hash(value: str) -> str:
+    return hmac.new(KEY, value.encode(), hashlib.sha256).hexdigest()
+
+
+def planted_shard() -> Shard:
+    shard = Shard()
+    for i in range(6):
+        file_entry(shard, i, patient_id_hash=keyed_hash(RAW_ID))
+    file_entry(shard, 6, outcome="skipped", patient_id_hash=keyed_hash(RAW_ID))
+    return shard
+
+
+PLANTED = [
+    (lambda s: s.instances[0].update(patient_id=RAW_ID), "unknown key.*patient_id"),
+    (lambda s: s.instances[0].update(patient_name=RAW_NAME), "unknown key.*patient_name"),
+    (lambda s: s.instances[0].update(patient_id_hash=RAW_ID), "looks like a raw identifier"),
+    (lambda s: s.instances[0].update(patient_id_hash=RAW_ID.lower() * 5), "keyed hash"),
+    (lambda s: s.outcomes[0]["facts"].update(PatientID=RAW_ID), "'PatientID'"),
+    (
+        lambda s: s.outcomes[0]["facts"].update(header={"patient": {"name": RAW_NAME}}),
+        "'patient'",
+    ),
+]
+
+
+def test_raw_patient_data_is_refused_and_never_echoed(Session, engine, model_run):
+    model_id, run_id = model_run
+    for plant, message in PLANTED:
+        shard = planted_shard()
+        plant(shard)
+        with pytest.raises(ValueError, match=message) as raised, Session.begin() as session:
+            writes.write_shard(session, run_id=run_id, model_id=model_id, **shard.kwargs())
+        assert RAW_ID not in str(raised.value) and RAW_NAME not in str(raised.value)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT COUNT(*) FROM instances")).scalar_one() == 0
+
+
+def test_no_table_holds_a_raw_patient_identifier(Session, engine, model_run):
+    model_id, run_id = model_run
+    with Session.begin() as session:
+        result = writes.write_shard(
+            session, run_id=run_id, model_id=model_id, **planted_shard().kwargs()
+        )
+        writes.upsert_study_predictions(session, model_id, run_id, study_uids=result.study_uids)
+        writes.add_review(
+            session,
+            study_instance_uid="1.2.826.0.1.3680043.2.0",
+            decision="agree",
+            reviewer="alice",
+        )
+        writes.set_watermark(session, "nightly", dt.datetime.now(dt.UTC), {"files": 7})
+        writes.finish_run(
+            session,
+            run_id,
+            "completed",
+            {"files_seen": 7, "predicted": 6, "skipped": 1, "failed": 0},
+        )
+    # Every refused attempt above has rolled back; now grep every column of every table.
+    inspector = sa.inspect(engine)
+    tables = inspector.get_table_names()
+    assert set(metadata.tables) <= set(tables)
+    found_hash = False
+    with engine.connect() as conn:
+        for table in tables:
+            for row in conn.execute(sa.text(f"SELECT * FROM {table}")):
+                text = " ".join(str(v) for v in row)
+                assert RAW_ID not in text and RAW_NAME not in text, table
+                assert RAW_ID.lower() not in text.lower(), table
+                found_hash |= keyed_hash(RAW_ID) in text
+    assert found_hash, "the keyed hash should be stored"
+
+
+def test_only_hash_columns_mention_patients():
+    patient_columns = {
+        f"{table.name}.{column.name}"
+        for table in metadata.sorted_tables
+        for column in table.columns
+        if "patient" in column.name
+    }
+    assert patient_columns == {"studies.patient_id_hash", "instances.patient_id_hash"}
