@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
+import os
+import statistics
 import tempfile
 import time
 import uuid
@@ -104,19 +106,19 @@ def _timed(label: str, n: int, fn: Callable[[], None], results: list) -> None:
     print(f"  {label:<12} {n:>8} rows  {seconds:7.2f} s  {n / seconds:>10,.0f} rows/s", flush=True)
 
 
-def bench(url: str, n: int) -> list:
+def bench(url: str, n: int, repeat: int) -> list:
     engine = db.connect(url)
     Session = db.session_factory(engine)
     results: list = []
     try:
         with Session.begin() as session:
-            model_a = writes.register_model(
-                session, _metadata("a"), hashlib.sha256(b"a").hexdigest()
-            )
-            model_b = writes.register_model(
-                session, _metadata("b"), hashlib.sha256(b"b").hexdigest()
-            )
-            run_id = writes.start_run(session, kind="demo", model_id=model_a)
+            models = [
+                writes.register_model(
+                    session, _metadata(f"a{r}"), hashlib.sha256(f"a{r}".encode()).hexdigest()
+                )
+                for r in range(repeat + 1)
+            ]
+            run_id = writes.start_run(session, kind="demo", model_id=models[0])
         instances = _instances(n, "p")
 
         def load_instances():
@@ -124,7 +126,7 @@ def bench(url: str, n: int) -> list:
                 writes.write_shard(
                     session,
                     run_id=run_id,
-                    model_id=model_a,
+                    model_id=models[0],
                     instances=instances,
                     outcomes=[],
                     predictions=[],
@@ -139,16 +141,19 @@ def bench(url: str, n: int) -> list:
 
             return go
 
-        first = _prediction_rows(instances, model_a, run_id, 0.0)
-        _timed("insert", n, upsert(first), results)
-        _timed("no-op", n, upsert(_prediction_rows(instances, model_a, run_id, 0.0)), results)
-        _timed("force", n, upsert(_prediction_rows(instances, model_a, run_id, 0.1), True), results)
+        for model_id in models[:repeat]:  # each repetition inserts N rows for a new model
+            _timed("insert", n, upsert(_prediction_rows(instances, model_id, run_id, 0.0)), results)
+            _timed("no-op", n, upsert(_prediction_rows(instances, model_id, run_id, 0.0)), results)
+            rows = _prediction_rows(instances, model_id, run_id, 0.1)
+            _timed("force", n, upsert(rows, force=True), results)
+        expected = repeat * n
         if engine.dialect.name == "postgresql":
             saved = writes.COPY_THRESHOLD
             writes.COPY_THRESHOLD = 10**12
             try:
-                rows = _prediction_rows(instances, model_b, run_id, 0.0)
+                rows = _prediction_rows(instances, models[repeat], run_id, 0.0)
                 _timed("executemany", n, upsert(rows), results)
+                expected += n
             finally:
                 writes.COPY_THRESHOLD = saved
 
@@ -183,24 +188,32 @@ def bench(url: str, n: int) -> list:
                     result = writes.write_shard(
                         session,
                         run_id=run_id,
-                        model_id=model_a,
+                        model_id=models[0],
                         instances=files[start:end],
                         outcomes=outcomes[start:end],
                         predictions=predictions[start:end],
                     )
                     writes.upsert_study_predictions(
-                        session, model_a, run_id, study_uids=result.study_uids
+                        session, models[0], run_id, study_uids=result.study_uids
                     )
 
         _timed("write_shard", n, shards, results)
         with engine.connect() as conn:
             count = conn.execute(sa.text("SELECT COUNT(*) FROM image_predictions")).scalar_one()
-        expected = 3 * n if engine.dialect.name == "postgresql" else 2 * n
+        expected += n
         if count != expected:
             raise RuntimeError(f"expected {expected} image_predictions rows, found {count}")
     finally:
         engine.dispose()
     return results
+
+
+def report(results: list) -> None:
+    """Best and median rows/s per step (the machine may be shared: best is the capability)."""
+    print("  summary (rows/s): best / median")
+    for label in dict.fromkeys(r[0] for r in results):
+        rates = sorted(n / seconds for name, n, seconds in results if name == label)
+        print(f"    {label:<12} {rates[-1]:>10,.0f} / {statistics.median(rates):>10,.0f}")
 
 
 def main() -> None:
@@ -210,7 +223,9 @@ def main() -> None:
         "--pg-admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
     )
     parser.add_argument("--only", choices=["postgresql", "sqlite"])
+    parser.add_argument("--repeat", type=int, default=3, help="insert/no-op/force rounds")
     args = parser.parse_args()
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
 
     if args.only in (None, "postgresql"):
         admin = sa.create_engine(args.pg_admin_url, isolation_level="AUTOCOMMIT")
@@ -219,7 +234,7 @@ def main() -> None:
             conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
         try:
             print(f"PostgreSQL ({admin.url.host}), {args.rows} rows:")
-            bench(args.pg_admin_url.rsplit("/", 1)[0] + f"/{name}", args.rows)
+            report(bench(args.pg_admin_url.rsplit("/", 1)[0] + f"/{name}", args.rows, args.repeat))
         finally:
             with admin.connect() as conn:
                 conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -227,7 +242,7 @@ def main() -> None:
     if args.only in (None, "sqlite"):
         with tempfile.TemporaryDirectory() as tmp:
             print(f"SQLite (WAL file), {args.rows} rows:")
-            bench(f"sqlite:///{Path(tmp) / 'bench.db'}", args.rows)
+            report(bench(f"sqlite:///{Path(tmp) / 'bench.db'}", args.rows, args.repeat))
 
 
 if __name__ == "__main__":

@@ -85,8 +85,14 @@ def _configure_sqlite(engine: Engine) -> None:
         connection.exec_driver_sql(f"BEGIN {mode}")
 
 
-def session_factory(engine: Engine) -> sessionmaker[Session]:
-    """Sessions for ``with Session.begin() as session:`` blocks (objects stay usable after)."""
+def session_factory(engine: Engine, *, read_only: bool = False) -> sessionmaker[Session]:
+    """Sessions for ``with Session.begin() as session:`` blocks (objects stay usable after).
+
+    ``read_only``: on SQLite, start transactions with a deferred ``BEGIN`` so that readers do
+    not take the write lock (and never wait for a writer). No effect on PostgreSQL.
+    """
+    if read_only:
+        engine = engine.execution_options(sqlite_begin="DEFERRED")
     return sessionmaker(engine, expire_on_commit=False)
 
 

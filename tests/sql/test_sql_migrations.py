@@ -201,6 +201,8 @@ def test_sqlite_engine_uses_wal_foreign_keys_and_immediate_transactions(sqlite_u
             # ... while a deferred (read) transaction still can.
             with other.connect().execution_options(sqlite_begin="DEFERRED") as conn:
                 assert conn.exec_driver_sql("SELECT COUNT(*) FROM runs").scalar() == 0
+            with db.session_factory(other, read_only=True).begin() as session:
+                assert session.execute(sa.text("SELECT COUNT(*) FROM runs")).scalar() == 0
         other.dispose()
     finally:
         engine.dispose()
