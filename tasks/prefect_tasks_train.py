@@ -1,0 +1,107 @@
+"""Prefect tasks for the ``train`` flow: one task per stage, thin wrappers over plain functions.
+
+Only the database steps are retried, and only for transient connection errors.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flows.common import retry_on_transient_db_error
+from model.checkpoint import Checkpoint
+from model.network import build_model
+from model.spec import PreprocessSpec
+from model.training import TrainConfig, TrainResult, train_classifier
+from tasks import training_run
+from tasks.selection import SelectionPolicy
+from tasks.training_data import Progress, TrainingData, build_training_data
+
+_DB_RETRIES = dict(
+    retries=4,
+    retry_delay_seconds=[1, 3, 10, 30],
+    retry_condition_fn=retry_on_transient_db_error,
+)
+
+
+@task(name="check-database", cache_policy=NO_CACHE, **_DB_RETRIES)
+def check_database(database_url: str, name: str, version: str | None) -> None:
+    training_run.check_database(database_url, name, version)
+
+
+@task(name="build-dataset", cache_policy=NO_CACHE)
+def build_dataset(
+    data: str,
+    spec: PreprocessSpec,
+    *,
+    hmac_key: bytes,
+    policy: SelectionPolicy,
+    positive_class: str | None,
+    val_fraction: float,
+    seed: int,
+    workers: int,
+    reduced: bool,
+    on_progress: Progress | None = None,
+) -> TrainingData:
+    return build_training_data(
+        data,
+        spec,
+        hmac_key=hmac_key,
+        policy=policy,
+        positive_class=positive_class,
+        val_fraction=val_fraction,
+        seed=seed,
+        workers=workers,
+        reduced=reduced,
+        on_progress=on_progress,
+    )
+
+
+@task(name="fit", cache_policy=NO_CACHE)
+def fit(
+    architecture: str,
+    arch_kwargs: dict[str, Any],
+    data: TrainingData,
+    config: TrainConfig,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    net = build_model(architecture, **arch_kwargs)
+    return train_classifier(net, data.train, data.validation, config, on_epoch)
+
+
+@task(name="save-checkpoint", cache_policy=NO_CACHE)
+def save_checkpoint(checkpoint: Checkpoint, out: str) -> str:
+    return checkpoint.save(out)
+
+
+@task(name="record-training", cache_policy=NO_CACHE, **_DB_RETRIES)
+def record_training(
+    database_url: str,
+    checkpoint: Checkpoint,
+    *,
+    counts: Mapping[str, int],
+    started_at: dt.datetime,
+    parameters: Mapping[str, Any],
+    selection_policy: Mapping[str, Any],
+    source: str,
+    prefect_flow_run_id: str | None = None,
+) -> tuple[int, int]:
+    return training_run.record_training(
+        database_url,
+        checkpoint,
+        counts=counts,
+        started_at=started_at,
+        parameters=parameters,
+        selection_policy=selection_policy,
+        source=source,
+        prefect_flow_run_id=prefect_flow_run_id,
+    )
+
+
+@task(name="record-failed-training", cache_policy=NO_CACHE, **_DB_RETRIES)
+def record_failed_training(database_url: str, **kwargs: Any) -> int:
+    return training_run.record_failed_training(database_url, **kwargs)
