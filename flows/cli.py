@@ -9,7 +9,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from flows.common import quiet_prefect_defaults
 
 app = typer.Typer(
     name="cxr-screen",
@@ -20,6 +23,8 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="Inspect and import model checkpoints.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+db_app = typer.Typer(help="Manage the results database.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -27,7 +32,7 @@ err_console = Console(stderr=True)
 
 def fail(message: str, code: int = 2) -> None:
     """One clear line on stderr and a non-zero exit: for fatal errors only."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -99,6 +104,283 @@ def model_import(
     except CheckpointError as exc:
         fail(str(exc))
     console.print(f"wrote {out} (sha256 {sha})")
+
+
+def quiet_logging() -> None:
+    """Clean console output for CLI runs: warnings and errors only, no shutdown noise.
+
+    Prefect's INFO lines and the temporary server's shutdown tracebacks are for its UI and
+    logs, not for a terminal; pydicom's per-file warnings are recorded with each file instead.
+    """
+    import logging
+    import os
+
+    quiet_prefect_defaults()
+    # The console shows the CLI's own progress and one-line errors; Prefect's run logs still
+    # reach its API (UI) in full. Set PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL=INFO to see them.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
+    for name in ("pydicom", "prefect.server", "uvicorn", "prefect._internal", "docket"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+@app.command()
+def screen(
+    sources: Annotated[list[Path], typer.Argument(help="Folders, DICOM files or archives")],
+    model: Annotated[
+        Path | None, typer.Option(help="Checkpoint (default: $CXR_SCREEN_MODEL_PATH)")
+    ] = None,
+    db: Annotated[str | None, typer.Option("--db", help="Database URL (default: settings)")] = None,
+    force: Annotated[
+        bool, typer.Option(help="Recompute instances this model already predicted")
+    ] = False,
+    shard_size: Annotated[int | None, typer.Option(min=1, help="Files per shard")] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=0, help="Decode processes (0: in-process)")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Inference batch size")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
+    full_decode: Annotated[bool, typer.Option(help="Never decode at reduced resolution")] = False,
+    kind: Annotated[str, typer.Option(help="Run kind recorded with the run")] = "reprocess",
+) -> None:
+    """Screen DICOM sources with a model version and write the results to the database."""
+    quiet_logging()
+    from flows.screen import screen as screen_flow
+
+    summary = _run_with_progress(
+        screen_flow,
+        sources=[str(s) for s in sources],
+        model=str(model) if model else None,
+        force=force,
+        shard_size=shard_size,
+        workers=workers,
+        batch_size=batch_size,
+        device=device,
+        reduced=not full_decode,
+        database_url=db,
+        kind=kind,
+    )
+    print_summary(summary)
+
+
+@app.command()
+def nightly(
+    drop_folder: Annotated[
+        Path | None, typer.Option(help="Default: $CXR_SCREEN_DROP_FOLDER")
+    ] = None,
+    model: Annotated[Path | None, typer.Option(help="Default: $CXR_SCREEN_MODEL_PATH")] = None,
+    db: Annotated[str | None, typer.Option("--db", help="Database URL (default: settings)")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
+) -> None:
+    """Run the nightly job once now: files that arrived since the last successful night."""
+    quiet_logging()
+    from flows.screen import nightly as nightly_flow
+
+    summary = _run_with_progress(
+        nightly_flow,
+        drop_folder=str(drop_folder) if drop_folder else None,
+        model=str(model) if model else None,
+        database_url=db,
+        device=device,
+    )
+    print_summary(summary)
+
+
+def _run_with_progress(flow_fn, **params):
+    """Run a flow in this process with a progress bar fed by its shard events."""
+    from flows import progress
+    from flows.screen import ScreenError
+
+    bar = Progress(
+        TextColumn("[bold]screening"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
+    task_id = bar.add_task("screen", total=None, detail="starting")
+
+    def listener(event: str, data: dict) -> None:
+        if event == "start":
+            bar.update(task_id, total=data.get("total"), detail=f"run {data['run_id']}")
+        elif event == "shard":
+            c = data.get("counts", {})
+            bar.update(
+                task_id,
+                completed=data["seen"],
+                detail=f"predicted {c.get('predicted', 0)} skipped {c.get('skipped', 0)} "
+                f"failed {c.get('failed', 0)}",
+            )
+
+    progress.add_listener(listener)
+    try:
+        with bar:
+            return flow_fn(**params)
+    except ScreenError as exc:
+        fail(str(exc))
+    except Exception as exc:
+        fail(_fatal_reason(exc))
+    finally:
+        progress.remove_listener(listener)
+
+
+def _fatal_reason(exc: BaseException) -> str:
+    import sqlalchemy as sa
+
+    from model.checkpoint import CheckpointError
+
+    if isinstance(exc, CheckpointError):
+        return str(exc)
+    if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
+        first = str(exc.orig if getattr(exc, "orig", None) else exc).strip().splitlines()[0]
+        return f"the results database is unreachable: {first}"
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+
+def print_summary(summary: dict) -> None:
+    table = Table(title=f"Run {summary['run_id']} — {summary['model']}", show_lines=False)
+    for col in ("files_seen", "predicted", "skipped", "failed", "seconds", "images_per_second"):
+        table.add_column(col.replace("_", " "), justify="right")
+    table.add_row(
+        *(
+            str(summary[c])
+            for c in (
+                "files_seen",
+                "predicted",
+                "skipped",
+                "failed",
+                "seconds",
+                "images_per_second",
+            )
+        )
+    )
+    console.print(table)
+    if summary.get("top_reasons"):
+        reasons = Table(title="Why files were skipped or failed (top 10)")
+        reasons.add_column("files", justify="right")
+        reasons.add_column("reason", overflow="fold")
+        for r in summary["top_reasons"]:
+            reasons.add_row(str(r["files"]), r["reason"])
+        console.print(reasons)
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    db: Annotated[str | None, typer.Option("--db", help="Database URL (default: settings)")] = None,
+    reviewer_role: Annotated[
+        bool, typer.Option(help="Also create the read-only reviewer role (PostgreSQL)")
+    ] = False,
+) -> None:
+    """Create or migrate the results database to the current schema."""
+    from flows.settings import get_settings
+    from sql.db import apply_reviewer_role, connect, current_revision
+
+    url = get_settings(database_url=db).database_url
+    try:
+        engine = connect(url)
+        if reviewer_role:
+            apply_reviewer_role(engine)
+    except Exception as exc:
+        fail(_fatal_reason(exc))
+    console.print(
+        f"database at revision {current_revision(engine)}: {engine.url.render_as_string()}"
+    )
+
+
+@app.command()
+def query(
+    name: Annotated[str, typer.Argument(help="A query in sql/queries (see --list)")] = "",
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="k=v, repeatable")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or parquet")] = "table",
+    out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout")] = None,
+    db: Annotated[str | None, typer.Option("--db", help="Database URL (default: settings)")] = None,
+    list_: Annotated[
+        bool, typer.Option("--list", help="List the queries and their parameters")
+    ] = False,
+) -> None:
+    """Run a named, parameterised query from sql/queries and export the result."""
+    from flows.settings import get_settings
+    from sql.db import connect
+    from sql.queries import list_queries, load_query, run_query
+
+    if list_ or not name:
+        table = Table(title="queries (cxr-screen query NAME -p key=value)")
+        table.add_column("name")
+        table.add_column("parameters")
+        table.add_column("description", overflow="fold")
+        for q in map(load_query, list_queries()):
+            table.add_row(q.name, ", ".join(f"{p.name}:{p.type}" for p in q.params), q.description)
+        console.print(table)
+        return
+    if fmt not in ("table", "csv", "parquet"):
+        fail(f"--format {fmt!r} is not one of table, csv, parquet")
+    if fmt == "parquet" and out is None:
+        fail("--format parquet needs --out FILE")
+    params: dict[str, str] = {}
+    for item in param or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"--param {item!r} is not of the form key=value")
+        params[key.strip()] = value
+    try:
+        frame = run_query(connect(get_settings(database_url=db).database_url), name, params)
+    except (KeyError, ValueError, TypeError) as exc:
+        fail(str(exc).strip("'\""))
+    except Exception as exc:
+        fail(_fatal_reason(exc))
+    if fmt == "parquet":
+        frame.to_parquet(out, index=False)
+    elif fmt == "csv":
+        if out:
+            frame.to_csv(out, index=False)
+        else:
+            sys.stdout.write(frame.to_csv(index=False))
+    else:
+        table = Table(title=f"{name} ({len(frame)} rows)")
+        for col in frame.columns:
+            table.add_column(str(col))
+        for row in frame.itertuples(index=False):
+            table.add_row(*("" if v is None else str(v) for v in row))
+        if out:
+            out.write_text(frame.to_string(index=False) + "\n")
+        else:
+            console.print(table)
+    if out:
+        console.print(f"wrote {len(frame)} rows to {out}")
+
+
+@app.command()
+def review(
+    study_uid: Annotated[str, typer.Argument(help="Study Instance UID")],
+    decision: Annotated[str, typer.Option(help="agree, disagree or uncertain")],
+    reviewer: Annotated[str, typer.Option(help="Who decided")],
+    note: Annotated[str | None, typer.Option(help="Free text")] = None,
+    db: Annotated[str | None, typer.Option("--db", help="Database URL (default: settings)")] = None,
+) -> None:
+    """Record a reviewer's decision on a study's prediction."""
+    from flows.settings import get_settings
+    from sql.db import connect, session_factory
+    from sql.writes import add_review
+
+    try:
+        sessions = session_factory(connect(get_settings(database_url=db).database_url))
+        with sessions.begin() as session:
+            review_id = add_review(
+                session,
+                study_instance_uid=study_uid,
+                decision=decision,
+                reviewer=reviewer,
+                note=note,
+            )
+    except ValueError as exc:
+        fail(str(exc))
+    except Exception as exc:
+        fail(_fatal_reason(exc))
+    console.print(f"review {review_id} recorded: {decision} by {reviewer}")
 
 
 def main() -> None:  # pragma: no cover - console-script entry

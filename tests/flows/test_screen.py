@@ -1,0 +1,225 @@
+"""End-to-end: the real `screen` and `nightly` flows on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+import torch
+
+from model.checkpoint import Checkpoint
+from model.network import LGMobileNetV2
+from model.spec import PreprocessSpec
+from tasks import synth
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+TABLES = {
+    "instances": "sop_instance_uid",
+    "file_outcomes": "source_uri, model_id",
+    "image_predictions": "sop_instance_uid, model_id",
+    "study_predictions": "study_instance_uid, model_id",
+    "studies": "study_instance_uid",
+}
+
+
+def make_model(path: Path, version: str, seed: int) -> Path:
+    torch.manual_seed(seed)
+    net = LGMobileNetV2()
+    Checkpoint(
+        architecture="lg_mobilenet_v2",
+        arch_kwargs={"num_classes": 2},
+        class_names=["normal", "abnormal"],
+        positive_class="abnormal",
+        threshold=0.5,
+        preprocessing=PreprocessSpec(),
+        version=version,
+        state_dict=net.state_dict(),
+        name="e2e",
+    ).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    """A mixed tree (studies, laterals, broken and unselected files) and a zip + tar.gz."""
+    root = tmp_path_factory.mktemp("corpus")
+    tree = root / "tree"
+    synth.write_corpus(
+        tree / "studies",
+        6,
+        seed=3,
+        size_range=(192, 320),
+        syntaxes=["explicit_le", "rle", "j2k_lossless", "jpeg_ls", "jpeg_baseline", "explicit_be"],
+        lateral_fraction=0.4,
+    )
+    (tree / "studies" / "labels.csv").unlink()  # not a DICOM: keep the tree pure for counting
+    broken = synth.write_broken(tree / "broken")
+    unselected = synth.write_unselected(tree / "unselected")
+    (tree / "notes.txt").write_text("a stray text file in the drop folder\n")
+    arch_src = root / "arch_src"
+    synth.write_corpus(arch_src, 4, seed=4, size_range=(192, 320), lateral_fraction=0.0)
+    (arch_src / "labels.csv").unlink()
+    zpath = root / "archive.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for f in sorted(arch_src.rglob("*.dcm"))[:2]:
+            zf.write(f, f.relative_to(arch_src).as_posix())
+        zf.writestr("../escape.dcm", b"DICM")  # refused member
+    tpath = root / "archive.tar.gz"
+    with tarfile.open(tpath, "w:gz") as tf:
+        for f in sorted(arch_src.rglob("*.dcm"))[2:]:
+            tf.add(f, f.relative_to(arch_src).as_posix())
+    models = root / "models"
+    models.mkdir()
+    return {
+        "tree": tree,
+        "zip": zpath,
+        "tgz": tpath,
+        "n_tree": sum(1 for p in tree.rglob("*") if p.is_file()),
+        "n_arch": 4 + 1,  # four images and the refused member
+        "broken": broken,
+        "unselected": unselected,
+        "model_a": make_model(models / "a.pt", "a-1", 0),
+        "model_b": make_model(models / "b.pt", "b-1", 1),
+    }
+
+
+def run(corpus, db_url, tmp_path, model="model_a", **kw):
+    from flows.screen import screen
+
+    kw.setdefault("workers", 0)
+    return screen(
+        [str(corpus["tree"]), str(corpus["zip"]), str(corpus["tgz"])],
+        model=str(corpus[model]),
+        database_url=db_url,
+        shard_size=7,
+        **kw,
+    )
+
+
+def snapshot(db_url: str) -> dict[str, list[tuple]]:
+    engine = sa.create_engine(db_url)
+    with engine.connect() as conn:
+        out = {
+            t: [tuple(r) for r in conn.execute(sa.text(f"SELECT * FROM {t} ORDER BY {key}"))]
+            for t, key in TABLES.items()
+        }
+    engine.dispose()
+    return out
+
+
+def rows(db_url: str, sql: str, **params) -> list[dict]:
+    engine = sa.create_engine(db_url)
+    with engine.connect() as conn:
+        out = [dict(r._mapping) for r in conn.execute(sa.text(sql), params)]
+    engine.dispose()
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXR_SCREEN_HOME", str(tmp_path / "home"))
+
+
+def test_screen_end_to_end_then_idempotent_force_and_new_model(corpus, db_url, tmp_path):
+    first = run(corpus, db_url, tmp_path, workers=1)
+    seen = corpus["n_tree"] + corpus["n_arch"]
+    assert first["files_seen"] == seen
+    assert first["predicted"] + first["skipped"] + first["failed"] == seen
+
+    outcomes = rows(
+        db_url, "SELECT * FROM v_instance_outcomes WHERE run_id = :r", r=first["run_id"]
+    )
+    assert len(outcomes) == seen  # one row per file
+    assert len({o["source_uri"] for o in outcomes}) == seen
+    by = {
+        k: sum(1 for o in outcomes if o["outcome"] == k) for k in ("predicted", "skipped", "failed")
+    }
+    assert by == {k: first[k] for k in by}
+    # every broken file failed with its reason; every unselected one was skipped with a reason
+    for name in corpus["broken"]:
+        (o,) = [o for o in outcomes if o["source_uri"].endswith(f"broken/{name}")]
+        assert o["outcome"] == "failed" and o["reason"], name
+    for name, keyword in corpus["unselected"].items():
+        (o,) = [o for o in outcomes if o["source_uri"].endswith(f"unselected/{name}")]
+        assert o["outcome"] == "skipped" and keyword in o["reason"], (name, o["reason"])
+    (esc,) = [o for o in outcomes if "escape" in o["source_uri"]]
+    assert esc["outcome"] == "failed"
+    assert any(
+        "archive.tar.gz!/" in o["source_uri"] and o["outcome"] == "predicted" for o in outcomes
+    )
+    assert any("archive.zip!/" in o["source_uri"] and o["outcome"] == "predicted" for o in outcomes)
+    predicted = [o for o in outcomes if o["outcome"] == "predicted"]
+    assert all(o["reason"] is None and 0 <= o["score"] <= 1 for o in predicted)
+
+    studies = rows(db_url, "SELECT * FROM v_study_results")
+    predicted_studies = {o["study_instance_uid"] for o in predicted}
+    assert {s["study_instance_uid"] for s in studies} == predicted_studies
+    assert len(studies) == len(predicted_studies)  # one per study
+    assert sum(s["n_images"] for s in studies) == len(predicted)
+    (summary,) = rows(db_url, "SELECT * FROM v_run_summary WHERE run_id = :r", r=first["run_id"])
+    assert summary["status"] == "completed"
+    assert summary["files_seen"] == summary["predicted"] + summary["skipped"] + summary["failed"]
+
+    # a second run changes nothing
+    before = snapshot(db_url)
+    second = run(corpus, db_url, tmp_path)
+    assert second["predicted"] == 0
+    assert second["files_seen"] == seen
+    assert snapshot(db_url) == before
+
+    # --force recomputes in place: same row counts, predictions now from the new run
+    forced = run(corpus, db_url, tmp_path, force=True)
+    assert forced["predicted"] == first["predicted"]
+    after = snapshot(db_url)
+    assert {t: len(v) for t, v in after.items()} == {t: len(v) for t, v in before.items()}
+    runs = rows(db_url, "SELECT DISTINCT run_id FROM image_predictions")
+    assert [r["run_id"] for r in runs] == [forced["run_id"]]
+
+    # a new model version adds rows beside the old ones
+    other = run(corpus, db_url, tmp_path, model="model_b")
+    assert other["predicted"] == first["predicted"]
+    versions = rows(
+        db_url,
+        "SELECT model_version, COUNT(*) AS n FROM v_study_results GROUP BY model_version "
+        "ORDER BY model_version",
+    )
+    assert [(v["model_version"], v["n"]) for v in versions] == [
+        ("a-1", len(predicted_studies)),
+        ("b-1", len(predicted_studies)),
+    ]
+
+
+def test_nightly_watermark_picks_up_only_new_files(tmp_path, sqlite_url, corpus):
+    import os
+    import time
+
+    from flows.screen import nightly
+
+    drop = tmp_path / "drop"
+    synth.write_corpus(drop, 2, seed=8, size_range=(192, 256), lateral_fraction=0.0)
+    (drop / "labels.csv").unlink()
+    first = nightly(drop_folder=str(drop), model=str(corpus["model_a"]), database_url=sqlite_url)
+    assert first["files_seen"] == 2 and first["predicted"] == 2
+
+    time.sleep(1.1)  # file times have 1 s resolution on some file systems
+    new = tmp_path / "new"
+    synth.write_corpus(new, 1, seed=9, size_range=(192, 256), lateral_fraction=0.0)
+    (new / "labels.csv").unlink()
+    shutil.move(str(next(new.rglob("*.dcm"))), drop / "arrived_tonight.dcm")
+    second = nightly(drop_folder=str(drop), model=str(corpus["model_a"]), database_url=sqlite_url)
+    assert second["files_seen"] == 1 and second["predicted"] == 1
+
+    third = nightly(drop_folder=str(drop), model=str(corpus["model_a"]), database_url=sqlite_url)
+    assert third["files_seen"] == 0
+    kinds = rows(sqlite_url, "SELECT kind, files_seen FROM v_run_summary ORDER BY run_id")
+    assert kinds == [
+        {"kind": "nightly", "files_seen": 2},
+        {"kind": "nightly", "files_seen": 1},
+        {"kind": "nightly", "files_seen": 0},
+    ]
+    assert os.path.exists(drop / "arrived_tonight.dcm")
