@@ -98,16 +98,54 @@ def _prediction_rows(instances: list[dict], model_id: int, run_id: int, shift: f
     return rows
 
 
+_SERVER_CPU = [0.0, True]  # seconds of PostgreSQL backend CPU seen so far; measurable?
+
+
+def _proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a local process (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _track_server_cpu(engine: sa.Engine) -> None:
+    """Add each PostgreSQL backend's CPU time between pool checkout and checkin to
+    _SERVER_CPU (a local server only: reads /proc/<backend pid>/stat)."""
+    if engine.dialect.name != "postgresql":
+        return
+
+    @sa.event.listens_for(engine, "checkout")
+    def _checkout(dbapi_connection, record, _proxy):
+        pid = dbapi_connection.info.backend_pid
+        try:
+            record.info["cpu_start"] = (pid, _proc_cpu(pid))
+        except OSError:
+            _SERVER_CPU[1] = False
+
+    @sa.event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_connection, record):
+        start = record.info.pop("cpu_start", None)
+        if start is not None:
+            _SERVER_CPU[0] += _proc_cpu(start[0]) - start[1]
+
+
 def _timed(label: str, n: int, fn: Callable[[], None], results: list) -> None:
-    start = time.perf_counter()
+    """Wall time, and CPU time (this process + the PostgreSQL backend): on a shared machine the
+    CPU figure says what the step costs, the wall figure what it took under the load."""
+    server0, start, cpu0 = _SERVER_CPU[0], time.perf_counter(), time.process_time()
     fn()
     seconds = time.perf_counter() - start
-    results.append((label, n, seconds))
-    print(f"  {label:<12} {n:>8} rows  {seconds:7.2f} s  {n / seconds:>10,.0f} rows/s", flush=True)
+    cpu = time.process_time() - cpu0 + _SERVER_CPU[0] - server0
+    results.append((label, n, seconds, cpu))
+    print(
+        f"  {label:<12} {n:>8} rows  {seconds:7.2f} s  {n / seconds:>10,.0f} rows/s   "
+        f"cpu {cpu:6.2f} s  {n / max(cpu, 1e-9):>10,.0f} rows/cpu-s",
+        flush=True,
+    )
 
 
 def bench(url: str, n: int, repeat: int) -> list:
     engine = db.connect(url)
+    _track_server_cpu(engine)
     Session = db.session_factory(engine)
     results: list = []
     try:
@@ -209,11 +247,17 @@ def bench(url: str, n: int, repeat: int) -> list:
 
 
 def report(results: list) -> None:
-    """Best and median rows/s per step (the machine may be shared: best is the capability)."""
-    print("  summary (rows/s): best / median")
+    """Best and median per step (the machine may be shared: best is closest to capability)."""
+    print("  summary: wall rows/s best / median;  rows per CPU-second (client + server) median")
     for label in dict.fromkeys(r[0] for r in results):
-        rates = sorted(n / seconds for name, n, seconds in results if name == label)
-        print(f"    {label:<12} {rates[-1]:>10,.0f} / {statistics.median(rates):>10,.0f}")
+        rates = sorted(n / seconds for name, n, seconds, _ in results if name == label)
+        cpu_rates = [n / max(cpu, 1e-9) for name, n, _, cpu in results if name == label]
+        print(
+            f"    {label:<12} {rates[-1]:>10,.0f} / {statistics.median(rates):>10,.0f};"
+            f"  {statistics.median(cpu_rates):>10,.0f}"
+        )
+    if not _SERVER_CPU[1]:
+        print("  (PostgreSQL backend CPU not readable: remote server; CPU figures are client only)")
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ import datetime as dt
 import functools
 import json
 import math
+import operator
 import re
 import uuid
 from collections import Counter
@@ -335,18 +336,36 @@ def _copy_upsert(
         f"CREATE TEMPORARY TABLE {stage} ON COMMIT DROP AS "
         f"SELECT {column_list} FROM {table.name} WITH NO DATA"
     )
-    driver_connection = connection.connection.driver_connection
-    # JSON goes in as text (COPY parses it into jsonb); everything else as psycopg adapts it.
+    # Binary COPY (no text formatting and parsing of numbers and timestamps), typed by the
+    # staging table's column types; JSON values go through psycopg's Jsonb adapter.
+    oids = dict(
+        connection.execute(
+            sa.text(
+                "SELECT attname, atttypid FROM pg_attribute "
+                "WHERE attrelid = CAST(:stage AS regclass) AND attnum > 0"
+            ),
+            {"stage": stage},
+        ).all()
+    )
+    from psycopg.types.json import Jsonb  # the COPY path is PostgreSQL-only
+
     json_columns = [i for i, c in enumerate(columns) if isinstance(table.c[c].type, sa.JSON)]
+    pick = operator.itemgetter(*columns)
+    driver_connection = connection.connection.driver_connection
     with (
         driver_connection.cursor() as cursor,
-        cursor.copy(f"COPY {stage} ({column_list}) FROM STDIN") as copy,
+        cursor.copy(f"COPY {stage} ({column_list}) FROM STDIN (FORMAT BINARY)") as copy,
     ):
-        for row in rows:
-            values = [row[c] for c in columns]
-            for i in json_columns:
-                values[i] = json.dumps(values[i])
-            copy.write_row(values)
+        copy.set_types([oids[c] for c in columns])
+        if json_columns:
+            for row in rows:
+                values = list(pick(row))
+                for i in json_columns:
+                    values[i] = Jsonb(values[i])
+                copy.write_row(values)
+        else:
+            for row in rows:
+                copy.write_row(pick(row))
     staged = sa.table(stage, *(sa.column(c) for c in columns))
     if verify is not None:
         verify(session, rows, staged)

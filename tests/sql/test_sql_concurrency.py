@@ -148,3 +148,17 @@ def test_racing_writers_of_one_uid_with_different_content_record_one_conflict(pg
         ("failed", 1): 20,
     }
     engine.dispose()
+
+
+def test_concurrent_first_use_migrates_once(db_url):
+    engines = []
+
+    def first_use():
+        engines.append(db.connect(db_url))
+
+    assert not run_writers([first_use, first_use, first_use])
+    with engines[0].connect() as conn:
+        versions = conn.execute(sa.text("SELECT version_num FROM alembic_version")).all()
+        assert versions == [(db.head_revision(),)]
+    for engine in engines:
+        engine.dispose()
