@@ -834,7 +834,7 @@ def _normalise_outcomes(outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "content_sha256": None
                 if content is None
                 else _check_sha256(f"content_sha256 of {ident}", content),
-                "facts": json.loads(json.dumps(facts)),  # JSON-able, plain types, stable
+                "facts": json.loads(json.dumps(facts, sort_keys=True)),  # plain JSON, stable order
                 "thumbnail_path": None
                 if item.get("thumbnail_path") is None
                 else str(item["thumbnail_path"]),

@@ -430,3 +430,16 @@ def test_timestamps_come_back_aware_utc(Session, model_run):
         ).scalar_one()
     assert started.utcoffset() == dt.timedelta(0)
     assert abs(dt.datetime.now(dt.UTC) - started) < dt.timedelta(minutes=5)
+
+
+def test_facts_in_another_key_order_are_the_same_facts(Session, engine, model_run):
+    model_id, run_id = model_run
+    shard = mixed_shard(0, 8)
+    write(Session, run_id, model_id, shard)
+    before = dump(engine)
+    for outcome in shard.outcomes:
+        if "facts" in outcome:
+            outcome["facts"] = dict(reversed(list(outcome["facts"].items())))
+    write(Session, new_run(Session, model_id), model_id, shard)
+    after = dump(engine)
+    assert after["file_outcomes"] == before["file_outcomes"]
