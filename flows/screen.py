@@ -100,6 +100,7 @@ def screen(
     seen = 0
     started = time.perf_counter()
     error: str | None = None
+    writing = None
     try:
         with ShardProcessor(
             checkpoint,
@@ -110,18 +111,29 @@ def screen(
             thumbnails_dir=settings.thumbnails_dir,
         ) as processor:
             items = scan(sources, settings.hmac_secret(), policy, newer_than=newer_than)
-            for shard in shards(items, settings.shard_size):
-                skip = t.plan_shard(ctx, shard, force)
-                rows = t.process_shard(processor, shard, skip)
-                counts += t.persist_shard(ctx, rows, force, aggregation)
-                reasons += rows.reasons
-                seen += rows.files
-                report("shard", files=rows.files, seen=seen, counts=dict(counts))
-                if total:
-                    update_progress_artifact(progress_id, min(100.0, 100.0 * seen / total))
-                logger.info("shard done: %d files (%d seen so far)", rows.files, seen)
+            # Double-buffered: the workers decode shard N+1 while this process scores shard N,
+            # and shard N-1 is written to the database in a task-runner thread meanwhile.
+            pending = None
+            for shard in _then_none(shards(items, settings.shard_size)):
+                submitted = None
+                if shard is not None:
+                    skip = t.plan_shard(ctx, shard, force)
+                    submitted = t.start_shard(processor, shard, skip)
+                if pending is not None:
+                    rows = t.score_shard(processor, pending)
+                    if writing is not None:
+                        counts += writing[0].result()
+                        seen = _stored(writing[1], seen, counts, total, progress_id, logger)
+                    writing = (t.persist_shard.submit(ctx, rows, force, aggregation), rows)
+                    reasons += rows.reasons
+                pending = submitted
+            if writing is not None:
+                counts += writing[0].result()
+                seen = _stored(writing[1], seen, counts, total, progress_id, logger)
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
+        if writing is not None:
+            writing[0].wait()  # let an in-flight shard commit (or not) before closing the run
         t.close_run(ctx, counts, error)
         raise
     t.close_run(ctx, counts)
@@ -151,6 +163,22 @@ def screen(
         )
     report("done", **summary)
     return summary
+
+
+def _then_none(iterable):
+    """The items, then one ``None`` so that the last pending shard is finished too."""
+    yield from iterable
+    yield None
+
+
+def _stored(rows, seen, counts, total, progress_id, logger) -> int:
+    """Report one stored shard (CLI listeners, progress artifact, log); return files seen."""
+    seen += rows.files
+    report("shard", files=rows.files, seen=seen, counts=dict(counts))
+    if total:
+        update_progress_artifact(progress_id, min(100.0, 100.0 * seen / total))
+    logger.info("shard stored: %d files (%d seen so far)", rows.files, seen)
+    return seen
 
 
 @flow(name="nightly", description="Screen what arrived in the drop folder since the last success.")

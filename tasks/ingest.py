@@ -212,3 +212,8 @@ def estimate_total(sources: Iterable[str | Path]) -> int | None:
                 return None
             total += n
     return total
+
+
+def decode_many(args: list[tuple]) -> list[Decoded]:
+    """``decode_item`` over a chunk of files: one pool task per chunk, not per image."""
+    return [decode_item(*a) for a in args]

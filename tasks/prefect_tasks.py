@@ -39,11 +39,20 @@ def plan_shard(ctx: screening.RunContext, items: list[ScanItem], force: bool) ->
     return screening.plan_skips(ctx.sessions, ctx.model_id, items, force)
 
 
-@task(name="process-shard", cache_policy=NO_CACHE)
-def process_shard(
+@task(name="start-shard", cache_policy=NO_CACHE)
+def start_shard(
     processor: screening.ShardProcessor, items: list[ScanItem], skip_uids: set[str]
+) -> screening.PendingShard:
+    """Classify the shard's files and start decoding them in the worker pool (returns at once)."""
+    return processor.submit(items, skip_uids)
+
+
+@task(name="score-shard", cache_policy=NO_CACHE)
+def score_shard(
+    processor: screening.ShardProcessor, pending: screening.PendingShard
 ) -> screening.ShardRows:
-    return processor.process(items, skip_uids)
+    """Wait for the shard's decoding and score its images in batches."""
+    return processor.collect(pending)
 
 
 @task(name="persist-shard", cache_policy=NO_CACHE, **_DB_RETRIES)

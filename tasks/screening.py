@@ -10,8 +10,7 @@ import multiprocessing
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from model.checkpoint import Checkpoint
 from model.predictor import Predictor
 from sql import writes
-from tasks.ingest import Decoded, ScanItem, decode_item
+from tasks.ingest import Decoded, ScanItem, decode_item, decode_many
 from tasks.outcomes import Outcome
 
 
@@ -137,8 +136,8 @@ class ShardProcessor:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-    def _decode(self, items: list[ScanItem]) -> Iterator[Decoded]:
-        args = [
+    def _args(self, items: list[ScanItem]) -> list[tuple]:
+        return [
             (
                 it.source,
                 it.header.sop_instance_uid,
@@ -149,18 +148,6 @@ class ShardProcessor:
             for it in items
             if it.header is not None
         ]
-        if self._pool is None:
-            for a in args:
-                yield decode_item(*a)
-            return
-        chunk = max(1, len(args) // (self.workers * 4))
-        try:
-            results = list(self._pool.map(decode_item, *zip(*args, strict=True), chunksize=chunk))
-        except BrokenProcessPool:
-            # A decoder crashed its process (a segfault in a codec, the OOM killer): find the
-            # file(s) responsible one at a time in a fresh pool; the others still get decoded.
-            results = [self._decode_isolated(a) for a in args]
-        yield from results
 
     def _restart_pool(self) -> None:
         if self._pool is not None:
@@ -170,6 +157,7 @@ class ShardProcessor:
         )
 
     def _decode_isolated(self, a: tuple) -> Decoded:
+        """Decode one file alone; a file that kills its worker twice is failed, not retried."""
         for attempt in range(2):
             try:
                 assert self._pool is not None
@@ -184,11 +172,13 @@ class ShardProcessor:
                     )
         raise AssertionError("unreachable")
 
-    def process(self, items: list[ScanItem], skip_uids: set[str] = frozenset()) -> ShardRows:
-        """Outcome rows for every file of the shard and predictions for the selected ones.
+    def submit(self, items: list[ScanItem], skip_uids: set[str] = frozenset()) -> PendingShard:
+        """Classify a shard's files and start decoding the selected ones in the pool.
 
-        ``skip_uids``: SOP Instance UIDs this model version already predicted; those files are
-        counted as skipped in the run and their stored rows are left untouched.
+        Returns at once, so that the caller can infer and persist the previous shard while
+        the workers decode this one. ``skip_uids``: SOP Instance UIDs this model version
+        already predicted; those files are counted as skipped in the run and their stored
+        rows are left untouched.
         """
         rows = ShardRows()
         todo: list[ScanItem] = []
@@ -202,16 +192,39 @@ class ShardProcessor:
                 rows.reasons[already_predicted_reason(self.checkpoint)] += 1
             else:
                 todo.append(item)
+        args = self._args(todo)
+        futures: list[Future] = []
+        if self._pool is not None and args:
+            # a few chunks per worker: little IPC overhead, and the load still balances
+            size = max(1, -(-len(args) // (self.workers * 4)))
+            futures = [
+                self._pool.submit(decode_many, args[i : i + size])
+                for i in range(0, len(args), size)
+            ]
+        return PendingShard(rows, todo, args, futures, time.perf_counter())
+
+    def collect(self, pending: PendingShard) -> ShardRows:
+        """Wait for a shard's decoding, score its images in batches, build its rows."""
+        rows, todo = pending.rows, pending.todo
+        if self._pool is None:
+            decoded = [decode_item(*a) for a in pending.args]
+        else:
+            try:
+                decoded = [d for f in pending.futures for d in f.result()]
+            except BrokenProcessPool:
+                # A decoder crashed its process (a codec fault, the OOM killer): find the
+                # file(s) responsible one at a time in a fresh pool; the others still decode.
+                self._restart_pool()
+                decoded = [self._decode_isolated(a) for a in pending.args]
         ready: list[tuple[ScanItem, Decoded]] = []
-        started = time.perf_counter()
-        for item, dec in zip(todo, self._decode(todo), strict=True):
+        for item, dec in zip(todo, decoded, strict=True):
             if dec.error is not None:
                 rows.outcomes.append(_outcome(item, Outcome.FAILED, dec.error))
                 rows.counts[Outcome.FAILED.value] += 1
                 rows.reasons[dec.error] += 1
             else:
                 ready.append((item, dec))
-        rows.decode_seconds = time.perf_counter() - started
+        rows.decode_seconds = time.perf_counter() - pending.submitted
         if not ready:
             return rows
         started = time.perf_counter()
@@ -245,6 +258,21 @@ class ShardProcessor:
             )
             rows.counts[Outcome.PREDICTED.value] += 1
         return rows
+
+    def process(self, items: list[ScanItem], skip_uids: set[str] = frozenset()) -> ShardRows:
+        """Outcome rows for every file of the shard and predictions for the selected ones."""
+        return self.collect(self.submit(items, skip_uids))
+
+
+@dataclass
+class PendingShard:
+    """A shard whose decoding is under way in the pool (see ``ShardProcessor.submit``)."""
+
+    rows: ShardRows
+    todo: list[ScanItem]
+    args: list[tuple]
+    futures: list[Future]
+    submitted: float
 
 
 def default_workers() -> int:
