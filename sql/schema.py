@@ -30,6 +30,7 @@ RUN_STATUSES = ("running", "completed", "failed")
 OUTCOMES = ("predicted", "skipped", "failed")
 DECISIONS = ("agree", "disagree", "uncertain")
 AGGREGATIONS = ("max", "mean")
+MANIFEST_STATUSES = ("pending", "running", "done", "failed")
 
 # JSONB on PostgreSQL (comparable with IS DISTINCT FROM, indexable), JSON text on SQLite.
 JSONType = postgresql.JSONB().with_variant(sa.JSON(), "sqlite")
@@ -304,6 +305,47 @@ class Watermark(Base):
     value: Mapped[dt.datetime]
     detail: Mapped[dict[str, Any]]
     run_id: Mapped[int | None] = mapped_column(sa.ForeignKey("runs.run_id"))
+    updated_at: Mapped[dt.datetime]
+
+
+class ShardManifest(Base):
+    """One shard of a fan-out job: the files one sub-flow run screens, and how far it got.
+
+    A fan-out job (``job_key``: the parent flow run's id, or a key given to resume it) splits
+    its sources into manifests of file records (where to re-open each file, never its bytes).
+    A worker claims a manifest (``attempts`` + 1: the latest claim owns it), commits each
+    chunk of files in the same transaction as the chunk's results (``files_done``, ``counts``,
+    ``study_uids``), and marks it done. Written by ``sql.manifests``.
+    """
+
+    __tablename__ = "shard_manifests"
+    __table_args__ = (
+        sa.UniqueConstraint("job_key", "shard_index"),
+        sa.CheckConstraint(_in("status", MANIFEST_STATUSES), name="status"),
+        sa.CheckConstraint(
+            "n_files >= 0 AND files_done >= 0 AND files_done <= n_files AND attempts >= 0",
+            name="progress",
+        ),
+    )
+
+    manifest_id: Mapped[int] = mapped_column(sa.Integer, sa.Identity(), primary_key=True)
+    job_key: Mapped[str]
+    shard_index: Mapped[int]
+    run_id: Mapped[int] = mapped_column(sa.ForeignKey("runs.run_id"), index=True)
+    model_id: Mapped[int] = mapped_column(sa.ForeignKey("models.model_id"))
+    parameters: Mapped[dict[str, Any]]  # the job's settings every worker must apply alike
+    files: Mapped[list[Any]]  # file records; emptied once the job is complete
+    n_files: Mapped[int]
+    files_sha256: Mapped[str]  # digest of the records: a re-planned job must match it
+    status: Mapped[str]
+    files_done: Mapped[int] = mapped_column(server_default="0")
+    counts: Mapped[dict[str, Any]]  # predicted / skipped / failed so far
+    study_uids: Mapped[list[Any]]  # studies with a prediction from this manifest
+    attempts: Mapped[int] = mapped_column(server_default="0")
+    worker: Mapped[str | None]  # who claimed it last (host and device slot)
+    prefect_flow_run_id: Mapped[str | None]  # the sub-flow run that claimed it last
+    error: Mapped[str | None]
+    created_at: Mapped[dt.datetime] = mapped_column(server_default=sa.func.now())
     updated_at: Mapped[dt.datetime]
 
 
