@@ -370,7 +370,12 @@ def _copy_upsert(
     if verify is not None:
         verify(session, rows, staged)
     select = sa.select(*(staged.c[c] for c in columns)).order_by(*(staged.c[k] for k in keys))
+    # Sort the batch in memory (the default 4MB work_mem spills 100k rows to disk), then put
+    # the caller's setting back.
+    work_mem = connection.exec_driver_sql("SHOW work_mem").scalar_one()
+    connection.execute(sa.select(sa.func.set_config("work_mem", "64MB", True)))
     connection.execute(build(postgresql.insert(table).from_select(columns, select)))
+    connection.execute(sa.select(sa.func.set_config("work_mem", work_mem, True)))
     connection.exec_driver_sql(f"DROP TABLE {stage}")
 
 
