@@ -13,7 +13,7 @@ transaction:
   no-op       the same N again, unchanged  (ON CONFLICT ... WHERE something differs: no writes)
   force       the same N with new scores   (updated in place)
   executemany N new predictions without the COPY path (PostgreSQL only, for comparison)
-  write_shard N files in shards of 256 (instances + outcomes + predictions + study
+  write_shard --shard-files files in shards of 256 (instances + outcomes + predictions + study
               aggregation, one transaction per shard), as the pipeline writes them
 
 and prints rows/s. Numbers, not assertions: the target is >= 50,000 rows/s for the PostgreSQL
@@ -144,7 +144,7 @@ def _timed(label: str, n: int, fn: Callable[[], None], results: list) -> None:
     )
 
 
-def bench(url: str, n: int, repeat: int) -> list:
+def bench(url: str, n: int, repeat: int, shard_files: int) -> list:
     engine = db.connect(url)
     _track_server_cpu(engine)
     Session = db.session_factory(engine)
@@ -206,7 +206,8 @@ def bench(url: str, n: int, repeat: int) -> list:
             finally:
                 writes.COPY_THRESHOLD = saved
 
-        files = _instances(n, "s")
+        n_files = min(n, shard_files)
+        files = _instances(n_files, "s")
         outcomes = [
             {
                 "source_uri": f["source_uri"],
@@ -231,7 +232,7 @@ def bench(url: str, n: int, repeat: int) -> list:
         ]
 
         def shards():
-            for start in range(0, n, SHARD):
+            for start in range(0, n_files, SHARD):
                 end = start + SHARD
                 with Session.begin() as session:
                     result = writes.write_shard(
@@ -246,10 +247,10 @@ def bench(url: str, n: int, repeat: int) -> list:
                         session, models[0], run_id, study_uids=result.study_uids
                     )
 
-        _timed("write_shard", n, shards, results)
+        _timed("write_shard", n_files, shards, results)
         with engine.connect() as conn:
             count = conn.execute(sa.text("SELECT COUNT(*) FROM image_predictions")).scalar_one()
-        expected += n
+        expected += n_files
         if count != expected:
             raise RuntimeError(f"expected {expected} image_predictions rows, found {count}")
     finally:
@@ -279,6 +280,9 @@ def main() -> None:
     )
     parser.add_argument("--only", choices=["postgresql", "sqlite"])
     parser.add_argument("--repeat", type=int, default=3, help="insert/no-op/force rounds")
+    parser.add_argument(
+        "--shard-files", type=int, default=20_000, help="files for the write_shard step"
+    )
     args = parser.parse_args()
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
 
@@ -289,7 +293,14 @@ def main() -> None:
             conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
         try:
             print(f"PostgreSQL ({admin.url.host}), {args.rows} rows:")
-            report(bench(args.pg_admin_url.rsplit("/", 1)[0] + f"/{name}", args.rows, args.repeat))
+            report(
+                bench(
+                    args.pg_admin_url.rsplit("/", 1)[0] + f"/{name}",
+                    args.rows,
+                    args.repeat,
+                    args.shard_files,
+                )
+            )
         finally:
             with admin.connect() as conn:
                 conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -297,7 +308,11 @@ def main() -> None:
     if args.only in (None, "sqlite"):
         with tempfile.TemporaryDirectory() as tmp:
             print(f"SQLite (WAL file), {args.rows} rows:")
-            report(bench(f"sqlite:///{Path(tmp) / 'bench.db'}", args.rows, args.repeat))
+            report(
+                bench(
+                    f"sqlite:///{Path(tmp) / 'bench.db'}", args.rows, args.repeat, args.shard_files
+                )
+            )
 
 
 if __name__ == "__main__":
