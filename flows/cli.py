@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flows.common import quiet_prefect_defaults
+from flows.common import PrefectPrestart, quiet_prefect_defaults
+from flows.serve import serve_command
 
 app = typer.Typer(
     name="cxr-screen",
@@ -106,6 +107,9 @@ def model_import(
     console.print(f"wrote {out} (sha256 {sha})")
 
 
+app.command("serve")(serve_command)
+
+
 def quiet_logging() -> None:
     """Clean console output for CLI runs: warnings and errors only, no shutdown noise.
 
@@ -145,7 +149,10 @@ def screen(
 ) -> None:
     """Screen DICOM sources with a model version and write the results to the database."""
     quiet_logging()
+    prestart = PrefectPrestart()
     from flows.screen import screen as screen_flow
+
+    prestart.join()
 
     summary = _run_with_progress(
         screen_flow,
@@ -174,7 +181,10 @@ def nightly(
 ) -> None:
     """Run the nightly job once now: files that arrived since the last successful night."""
     quiet_logging()
+    prestart = PrefectPrestart()
     from flows.screen import nightly as nightly_flow
+
+    prestart.join()
 
     summary = _run_with_progress(
         nightly_flow,
