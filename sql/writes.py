@@ -25,6 +25,7 @@ import json
 import math
 import operator
 import re
+import sqlite3
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -53,7 +54,8 @@ from sql.schema import (
 )
 
 COPY_THRESHOLD = 2000  # rows; PostgreSQL batches at least this big use COPY + staging table
-_IN_CHUNK = 500  # values per IN (...) list
+# Values per IN (...) list on SQLite (bound variables are limited to 32766 since 3.32).
+_IN_CHUNK = 5000 if sqlite3.sqlite_version_info >= (3, 32) else 900
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 # --- the dicts write_shard expects ------------------------------------------------------------
@@ -757,12 +759,15 @@ def _verify_instances(session: Session, rows: list[dict[str, Any]], staged: Any)
             .limit(3)
         ).all()
     else:
-        stored = _stored_instances(session, sorted({r["sop_instance_uid"] for r in rows}))
+        studies: dict[str, str] = {}
+        uids = (r["sop_instance_uid"] for r in rows)
+        for where in _member_of(session, instances.c.sop_instance_uid, uids):
+            query = sa.select(instances.c.sop_instance_uid, instances.c.study_instance_uid)
+            studies.update((sop, study) for sop, study in session.execute(query.where(where)))
         orphans = [
             (r["sop_instance_uid"], r["study_instance_uid"])
             for r in rows
-            if stored.get(r["sop_instance_uid"], {}).get("study_instance_uid")
-            != r["study_instance_uid"]
+            if studies.get(r["sop_instance_uid"]) != r["study_instance_uid"]
         ][:3]
     if orphans:
         sop, study = orphans[0]
