@@ -51,7 +51,7 @@ def main() -> None:
         if mode == "eager":
             model = net
         elif mode == "compile":
-            model = torch.compile(net, mode="max-autotune-no-cudagraphs")
+            model = torch.compile(net)
         else:
             model = torch.compile(net, mode="reduce-overhead")
         for name, dtype in dtypes.items():

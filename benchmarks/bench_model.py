@@ -12,9 +12,14 @@ import argparse
 import platform
 import time
 
+import sys
+from pathlib import Path
+
 import torch
 
-from model.network import build_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.network import build_model  # noqa: E402
 
 
 def measure(net, batch: int, size: int, device: torch.device, amp: bool, seconds: float) -> float:

@@ -25,7 +25,7 @@ def resolve_device(device: str = "auto") -> torch.device:
 def default_batch_size(device: torch.device) -> int:
     # Measured (benchmarks/bench_model.py): on CPU this small network is fastest per image at
     # small batches, whose activations stay in cache; on a GPU large batches win.
-    return 512 if device.type == "cuda" else 16
+    return 1024 if device.type == "cuda" else 16
 
 
 class Predictor:
