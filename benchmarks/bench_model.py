@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
-
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.network import build_model  # noqa: E402
+from model.network import build_model
 
 
 def measure(net, batch: int, size: int, device: torch.device, amp: bool, seconds: float) -> float:
@@ -68,7 +67,7 @@ def main() -> None:
         if not args.no_compile:
             variants.append(("compile", torch.compile(base)))
         for mode, net in variants:
-            for amp in ([False, True] if device.type == "cuda" else [False]):
+            for amp in [False, True] if device.type == "cuda" else [False]:
                 for batch in (int(b) for b in args.batches.split(",")):
                     rate = measure(net, batch, 150, device, amp, args.seconds)
                     precision = "amp-bf16" if amp else "fp32"
