@@ -36,7 +36,7 @@ def open_run(database_url: str, checkpoint, **kwargs: Any) -> screening.RunConte
 
 @task(name="plan-shard", cache_policy=NO_CACHE, **_DB_RETRIES)
 def plan_shard(ctx: screening.RunContext, items: list[ScanItem], force: bool) -> set[str]:
-    return screening.plan_skips(ctx.sessions, ctx.model_id, items, force)
+    return screening.plan_skips(ctx.readers, ctx.model_id, items, force)
 
 
 @task(name="start-shard", cache_policy=NO_CACHE)

@@ -282,7 +282,7 @@ def default_workers() -> int:
 
 
 def plan_skips(
-    sessions: sessionmaker[Session], model_id: int, items: list[ScanItem], force: bool
+    readers: sessionmaker[Session], model_id: int, items: list[ScanItem], force: bool
 ) -> set[str]:
     """SOP Instance UIDs in ``items`` this model version already predicted (none with force)."""
     if force:
@@ -290,7 +290,7 @@ def plan_skips(
     uids = [it.header.sop_instance_uid for it in items if it.selected and it.header is not None]
     if not uids:
         return set()
-    with sessions() as session:
+    with readers() as session:
         return writes.predicted_sop_uids(session, model_id, uids)
 
 
@@ -332,6 +332,7 @@ class RunContext:
 
     engine: Any
     sessions: sessionmaker[Session]
+    readers: sessionmaker[Session]  # read-only: on SQLite they never take the write lock
     checkpoint: Checkpoint
     model_id: int
     run_id: int
@@ -365,7 +366,8 @@ def open_run(
             model_id=model_id,
             prefect_flow_run_id=prefect_flow_run_id,
         )
-    return RunContext(engine, sessions, checkpoint, model_id, run_id)
+    readers = session_factory(engine, read_only=True)
+    return RunContext(engine, sessions, readers, checkpoint, model_id, run_id)
 
 
 def close_run(ctx: RunContext, counts: Counter, error: str | None = None) -> None:
@@ -380,13 +382,21 @@ def read_watermark(database_url: str, name: str):
     """The watermark's time (aware UTC datetime) or None when never set."""
     from sql.db import connect, session_factory
 
-    with session_factory(connect(database_url))() as session:
-        mark = writes.get_watermark(session, name)
+    engine = connect(database_url)
+    try:
+        with session_factory(engine, read_only=True)() as session:
+            mark = writes.get_watermark(session, name)
+    finally:
+        engine.dispose()
     return mark.value if mark else None
 
 
 def write_watermark(database_url: str, name: str, value, run_id: int) -> None:
     from sql.db import connect, session_factory
 
-    with session_factory(connect(database_url)).begin() as session:
-        writes.set_watermark(session, name, value, {"run_id": run_id}, run_id=run_id)
+    engine = connect(database_url)
+    try:
+        with session_factory(engine).begin() as session:
+            writes.set_watermark(session, name, value, {"run_id": run_id}, run_id=run_id)
+    finally:
+        engine.dispose()
