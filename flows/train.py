@@ -171,12 +171,15 @@ def train(
         )
     except BaseException as exc:
         counts = dataset.report.run_counts() if dataset is not None else None
-        t.record_failed_training(
-            settings.database_url,
-            error=f"{type(exc).__name__}: {exc}",
-            counts=counts,
-            **run_record,
-        )
+        try:
+            t.record_failed_training(
+                settings.database_url,
+                error=f"{type(exc).__name__}: {exc}",
+                counts=counts,
+                **run_record,
+            )
+        except Exception as db_exc:  # keep the original error: it is the one that matters
+            logger.warning("could not record the failed training run: %s", db_exc)
         raise
 
     v = result.validation
