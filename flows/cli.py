@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flows.common import PrefectPrestart, quiet_prefect_defaults
+from flows.common import PrefectPrestart, fatal_reason, quiet_console
+from flows.demo import demo_command, train_command
 from flows.serve import serve_command
 
 app = typer.Typer(
@@ -108,24 +109,8 @@ def model_import(
 
 
 app.command("serve")(serve_command)
-
-
-def quiet_logging() -> None:
-    """Clean console output for CLI runs: warnings and errors only, no shutdown noise.
-
-    Prefect's INFO lines and the temporary server's shutdown tracebacks are for its UI and
-    logs, not for a terminal; pydicom's per-file warnings are recorded with each file instead.
-    """
-    import logging
-    import os
-
-    quiet_prefect_defaults()
-    # The console shows the CLI's own progress and one-line errors; Prefect's run logs still
-    # reach its API (UI) in full. Set PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL=INFO to see them.
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
-    for name in ("pydicom", "prefect.server", "uvicorn", "prefect._internal", "docket"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+app.command("train")(train_command)
+app.command("demo")(demo_command)
 
 
 @app.command()
@@ -148,7 +133,7 @@ def screen(
     kind: Annotated[str, typer.Option(help="Run kind recorded with the run")] = "reprocess",
 ) -> None:
     """Screen DICOM sources with a model version and write the results to the database."""
-    quiet_logging()
+    quiet_console()
     prestart = PrefectPrestart()
     from flows.screen import screen as screen_flow
 
@@ -180,7 +165,7 @@ def nightly(
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
 ) -> None:
     """Run the nightly job once now: files that arrived since the last successful night."""
-    quiet_logging()
+    quiet_console()
     prestart = PrefectPrestart()
     from flows.screen import nightly as nightly_flow
 
@@ -199,7 +184,6 @@ def nightly(
 def _run_with_progress(flow_fn, **params):
     """Run a flow in this process with a progress bar fed by its shard events."""
     from flows import progress
-    from flows.screen import ScreenError
 
     bar = Progress(
         TextColumn("[bold]screening"),
@@ -228,25 +212,10 @@ def _run_with_progress(flow_fn, **params):
     try:
         with bar:
             return flow_fn(**params)
-    except ScreenError as exc:
-        fail(str(exc))
     except Exception as exc:
-        fail(_fatal_reason(exc))
+        fail(fatal_reason(exc))
     finally:
         progress.remove_listener(listener)
-
-
-def _fatal_reason(exc: BaseException) -> str:
-    import sqlalchemy as sa
-
-    from model.checkpoint import CheckpointError
-
-    if isinstance(exc, CheckpointError):
-        return str(exc)
-    if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
-        first = str(exc.orig if getattr(exc, "orig", None) else exc).strip().splitlines()[0]
-        return f"the results database is unreachable: {first}"
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
 
 
 def print_summary(summary: dict) -> None:
@@ -293,7 +262,7 @@ def db_upgrade(
         if reviewer_role:
             apply_reviewer_role(engine)
     except Exception as exc:
-        fail(_fatal_reason(exc))
+        fail(fatal_reason(exc))
     console.print(
         f"database at revision {current_revision(engine)}: {engine.url.render_as_string()}"
     )
@@ -341,7 +310,7 @@ def query(
     except (KeyError, ValueError, TypeError) as exc:
         fail(str(exc).strip("'\""))
     except Exception as exc:
-        fail(_fatal_reason(exc))
+        fail(fatal_reason(exc))
     if fmt == "parquet":
         frame.to_parquet(out, index=False)
     elif fmt == "csv":
@@ -389,7 +358,7 @@ def review(
     except ValueError as exc:
         fail(str(exc))
     except Exception as exc:
-        fail(_fatal_reason(exc))
+        fail(fatal_reason(exc))
     console.print(f"review {review_id} recorded: {decision} by {reviewer}")
 
 

@@ -75,3 +75,42 @@ class PrefectPrestart:
 
     def join(self) -> None:
         self._thread.join()
+
+
+def quiet_console() -> None:
+    """No Prefect INFO lines or server shutdown noise on the terminal.
+
+    Call before the first flow runs: Prefect configures logging on import and passes its
+    settings to the temporary server it starts. Flow and task logs still reach the Prefect API
+    in full. If Prefect is already configured, its console handlers are quieted.
+    """
+    import logging
+
+    quiet_prefect_defaults()
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
+    for name in ("pydicom", "prefect.server", "uvicorn", "prefect._internal", "docket"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for name in ("", "prefect", "uvicorn"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.setLevel(logging.CRITICAL)
+
+
+def fatal_reason(exc: BaseException) -> str:
+    """One line for a fatal error: the message that matters, no traceback."""
+    from flows.demo import DemoError
+    from flows.screen import ScreenError
+    from flows.train import TrainError
+    from model.checkpoint import CheckpointError
+    from tasks.training_data import TrainingDataError
+
+    if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError):
+        first = str(exc.orig if getattr(exc, "orig", None) else exc).strip().splitlines()[0]
+        return f"the results database is unreachable: {first}"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, ScreenError | TrainError | TrainingDataError | CheckpointError | DemoError):
+        return text
+    return f"{type(exc).__name__}: {text}"

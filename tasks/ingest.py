@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import stat
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -187,6 +188,8 @@ def estimate_total(sources: Iterable[str | Path]) -> int | None:
         if name.startswith(".") or name.upper() == "DICOMDIR":
             return 0
         try:
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                return 1  # a FIFO or device: opening it could block; discovery reports it
             if zipfile.is_zipfile(path):
                 with zipfile.ZipFile(path) as zf:
                     return sum(1 for i in zf.infolist() if not i.is_dir())
@@ -217,3 +220,12 @@ def estimate_total(sources: Iterable[str | Path]) -> int | None:
 def decode_many(args: list[tuple]) -> list[Decoded]:
     """``decode_item`` over a chunk of files: one pool task per chunk, not per image."""
     return [decode_item(*a) for a in args]
+
+
+def quiet_worker() -> None:
+    """Process-pool initializer: codecs' C libraries print to stderr (e.g. OpenJPEG's "Tile part
+    length size inconsistent with stream length" for a truncated file); the reason is recorded
+    with the file instead, so the worker's stderr goes to /dev/null."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from model.checkpoint import Checkpoint
 from model.predictor import Predictor
 from sql import writes
-from tasks.ingest import Decoded, ScanItem, decode_item, decode_many
+from tasks.ingest import Decoded, ScanItem, decode_item, decode_many, quiet_worker
 from tasks.outcomes import Outcome
 
 
@@ -126,9 +126,7 @@ class ShardProcessor:
 
     def __enter__(self) -> ShardProcessor:
         if self.workers > 0:
-            self._pool = ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=multiprocessing.get_context("spawn")
-            )
+            self._pool = self._new_pool()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -149,12 +147,17 @@ class ShardProcessor:
             if it.header is not None
         ]
 
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=quiet_worker,
+        )
+
     def _restart_pool(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
-        self._pool = ProcessPoolExecutor(
-            max_workers=self.workers, mp_context=multiprocessing.get_context("spawn")
-        )
+        self._pool = self._new_pool()
 
     def _decode_isolated(self, a: tuple) -> Decoded:
         """Decode one file alone; a file that kills its worker twice is failed, not retried."""
