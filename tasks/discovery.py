@@ -24,6 +24,11 @@ Rules (what a radiology informatics engineer expects from a drop folder or an ol
 - A problem with one file or member never raises out of the generator: the entry is yielded
   with ``error`` set to the reason, so the file still ends in a *failed* outcome. A corrupt or
   truncated archive yields the members read so far and then one errored entry for the archive.
+- Every entry of one ``discover`` call has its own URI (the key its outcome is stored under):
+  a source given twice, or inside another source, is read once; the n-th member of an archive
+  with a name an earlier member already had (duplicates, or names equal after ``./`` and
+  ``//`` are removed) gets ``#n`` after its URI. To find duplicates, a run keeps each
+  archive's member URIs in memory while it reads that archive.
 - File names that are not valid UTF-8 are not an error: the file opens through its OS name and
   its URI shows the undecodable bytes as ``\\xNN`` escapes, so it can be stored and displayed.
 - Unreadable files (permissions) are found when they are opened: ``SourceFile.open`` raises
@@ -186,7 +191,8 @@ def discover(
     sources: Iterable[str | Path], limits: ArchiveLimits = DEFAULT_LIMITS
 ) -> Iterator[SourceFile]:
     """Yield every input file under ``sources`` (directories, files, archives), lazily."""
-    visited: set[tuple[int, int]] = set()
+    visited: set[tuple[int, int]] = set()  # directories walked
+    given: set[tuple[int, int]] = set()  # files named as sources
     for source in sources:
         path = os.path.abspath(os.fspath(source))
         try:
@@ -194,11 +200,31 @@ def discover(
         except OSError as exc:
             yield _errored(path, _os_reason(exc, path))
             continue
+        key = (st.st_dev, st.st_ino)
         if stat.S_ISDIR(st.st_mode):
-            visited.add((st.st_dev, st.st_ino))
-            yield from _walk(path, {(st.st_dev, st.st_ino)}, visited, limits)
-        else:
+            if key in visited:  # given twice, or inside a source walked already
+                continue
+            visited.add(key)
+            yield from _walk(path, {key}, visited, limits, given)
+        elif key not in given and not _inside(path, visited):
+            given.add(key)
             yield from _file(path, st, limits)
+
+
+def _inside(path: str, directories: set[tuple[int, int]]) -> bool:
+    """Whether ``path`` (links resolved) lies in one of these directories."""
+    parent = os.path.dirname(os.path.realpath(path))
+    while True:
+        try:
+            st = os.stat(parent)
+        except OSError:
+            return False
+        if (st.st_dev, st.st_ino) in directories:
+            return True
+        up = os.path.dirname(parent)
+        if up == parent:
+            return False
+        parent = up
 
 
 # --- directory trees ---------------------------------------------------------------------------
@@ -209,6 +235,7 @@ def _walk(
     ancestors: set[tuple[int, int]],
     visited: set[tuple[int, int]],
     limits: ArchiveLimits,
+    given: set[tuple[int, int]],
 ) -> Iterator[SourceFile]:
     try:
         with os.scandir(directory) as it:
@@ -237,9 +264,9 @@ def _walk(
             elif key not in visited:  # else: already walked through another path
                 visited.add(key)
                 ancestors.add(key)
-                yield from _walk(path, ancestors, visited, limits)
+                yield from _walk(path, ancestors, visited, limits, given)
                 ancestors.discard(key)
-        else:
+        elif (st.st_dev, st.st_ino) not in given:  # else: named as a source, read already
             yield from _file(path, st, limits)
 
 
@@ -277,6 +304,7 @@ def _zip_members(path: str, limits: ArchiveLimits) -> Iterator[SourceFile]:
     with zf:
         infos = zf.infolist()
         overlapping = _overlapping_zip_members(infos)
+        names = _UniqueUris()
         total = 0
         for index, info in enumerate(infos):
             if index >= limits.max_members:
@@ -292,7 +320,7 @@ def _zip_members(path: str, limits: ArchiveLimits) -> Iterator[SourceFile]:
             normal = _normal_member_name(name)
             if normal is not None and _ignored_member(normal):
                 continue
-            uri = _member_uri(path, normal if normal is not None else name)
+            uri = names.unique(_member_uri(path, normal if normal is not None else name))
             total += info.file_size
             if total > limits.max_total_bytes:
                 yield _errored(
@@ -366,6 +394,7 @@ def _tar_members(path: str, size: int, magic: bytes, limits: ArchiveLimits) -> I
     compression = _compression(magic)
     label = "tar archive" if compression is None else f"{compression}-compressed tar archive"
     progress = _Progress()
+    names = _UniqueUris()
     try:
         with open(path, "rb") as raw, _decompressing(raw, compression) as stream:
             tf = tarfile.TarFile(fileobj=stream, mode="r")
@@ -381,7 +410,7 @@ def _tar_members(path: str, size: int, magic: bytes, limits: ArchiveLimits) -> I
                 normal = _normal_member_name(info.name)
                 if normal is not None and _ignored_member(normal):
                     continue
-                uri = _member_uri(path, normal if normal is not None else info.name)
+                uri = names.unique(_member_uri(path, normal if normal is not None else info.name))
                 reason = _member_name_problem(info.name) or _tar_member_problem(info, limits)
                 end = info.offset_data + info.size
                 if reason is None and compression is None and end > size:
@@ -583,6 +612,21 @@ def _member_name_problem(name: str) -> str | None:
 
 def _is_archive_name(name: str) -> bool:
     return name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+class _UniqueUris:
+    """The member URIs of one archive so far; a repeated one gets ``#n`` (n-th occurrence)."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def unique(self, uri: str) -> str:
+        candidate, n = uri, 1
+        while candidate in self._seen:
+            n += 1
+            candidate = f"{uri}#{n}"
+        self._seen.add(candidate)
+        return candidate
 
 
 def _member_uri(archive: str, member: str) -> str:
