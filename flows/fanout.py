@@ -1,0 +1,699 @@
+"""Fan-out reprocessing across workers on Prefect's own machinery (server, work pool, workers).
+
+``screen-fanout`` (the parent) plans the sources into shard manifests stored in the results
+database, launches one ``screen-shard`` sub-flow run per manifest on a work pool with
+``run_deployment`` (at most ``max_in_flight`` at once, each with an idempotency key, so a
+retried parent never starts a shard twice), re-aggregates the studies whose images landed in
+different manifests, and closes the run. ``screen-shard`` runs on a worker (one per GPU): it
+takes the device's concurrency slot, claims its manifest and screens it, committing chunk by
+chunk (``tasks/manifests.py``). The plain logic lives in ``tasks/manifests.py`` and
+``sql/manifests.py``; this module only composes it with Prefect.
+
+Topology (``docker/compose.yaml``): work pool ``cxr-screen`` (type process); queue ``shards``
+(and ``default``, for the nightly/reprocess/train deployments of ``prefect.yaml``) served by one
+worker per GPU started with ``--limit 1``; queue ``control`` served by a small CPU worker that
+runs fan-out parents (a parent waits for its shards: on a GPU worker's only slot it would wait
+for itself).
+
+Recovery: a shard whose sub-flow run crashes, fails, or outlives ``shard_timeout_s`` (then it
+is cancelled) is launched again, up to ``shard_attempts`` times; the new run resumes the
+manifest after its last committed chunk. A re-run of the parent with the same ``job_key``
+(Prefect's flow retries keep the flow run id, which is the default key) re-plans identically,
+skips done manifests and finds the sub-flow runs it had started through their idempotency keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+from concurrent.futures import FIRST_COMPLETED
+from concurrent.futures import wait as wait_futures
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.progress import report
+from flows.screen import ScreenError
+from flows.settings import Settings
+from sql import manifests as store
+
+WORK_POOL = "cxr-screen"
+SHARD_QUEUE = "shards"
+CONTROL_QUEUE = "control"
+SHARD_FLOW = "screen-shard"
+SHARD_DEPLOYMENT = f"{SHARD_FLOW}/shard"
+FANOUT_DEPLOYMENT_NAME = "reprocess-fanout"
+MAX_IN_FLIGHT_CAP = 64  # threads of the parent's task runner; max_in_flight may not exceed it
+DEVICE_LIMIT_PREFIX = "cxr-screen-device:"
+
+
+class FanoutError(ScreenError):
+    """A fan-out job cannot start or did not finish (the message says which shard and why)."""
+
+
+class FanoutSettings(Settings):
+    """The settings of ``flows.settings.Settings`` plus the fan-out's own (same env prefix).
+
+    spool_dir: where compressed-tar members are written out for the workers (a folder every
+        worker mounts at the same path); unset: a .tar.gz source is refused with the reason.
+    device_slot: this worker's device, named uniquely across the deployment (e.g.
+        ``gpu-host-1/gpu0``): shards take its Prefect concurrency slot (limit 1), so two shards
+        never share that device even when two workers are pointed at it by mistake. Unset:
+        ``<hostname>/cuda:<CUDA_VISIBLE_DEVICES>`` on a GPU, no slot on CPU.
+    manifest_size: files per shard manifest (one sub-flow run each).
+    """
+
+    spool_dir: Path | None = None
+    device_slot: str | None = None
+    manifest_size: int = 4096
+
+
+def fanout_settings(**overrides: Any) -> FanoutSettings:
+    return FanoutSettings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+# --- the device slot ---------------------------------------------------------------------------
+
+
+def device_slot(settings: FanoutSettings) -> str | None:
+    """The concurrency limit this worker's shards hold, or None (CPU without a named slot)."""
+    if settings.device_slot:
+        return DEVICE_LIMIT_PREFIX + settings.device_slot
+    from model.predictor import resolve_device
+
+    device = resolve_device(settings.device)
+    if device.type != "cuda":
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") or str(device.index or 0)
+    return f"{DEVICE_LIMIT_PREFIX}{socket.gethostname()}/cuda:{visible}"
+
+
+def ensure_device_limit(name: str, limit: int = 1) -> None:
+    """Create the global concurrency limit ``name`` (limit 1) unless it exists; an operator's
+    own setting for an existing limit is kept."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):  # another worker created it first
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=limit)
+                )
+
+
+@contextlib.contextmanager
+def holding_device(name: str | None):
+    """Hold the device's concurrency slot for the whole shard (the model sits on the GPU)."""
+    if name is None:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    ensure_device_limit(name)
+    get_run_logger().info("waiting for the device slot %s", name)
+    with concurrency(name, occupy=1, strict=True):
+        yield
+
+
+def worker_label(settings: FanoutSettings) -> str:
+    """Who screened a manifest: host and device slot (or the worker's process id)."""
+    return f"{socket.gethostname()}/{settings.device_slot or f'worker-pid-{os.getppid()}'}"
+
+
+# --- the shard sub-flow (runs on a worker) ----------------------------------------------------
+
+
+@task(name="screen-manifest", cache_policy=NO_CACHE)
+def screen_manifest_task(sessions, manifest_id: int, checkpoint, settings: FanoutSettings):
+    from tasks.manifests import screen_manifest
+    from tasks.screening import ShardProcessor
+
+    with sessions() as session:
+        manifest = store.get_manifest(session, manifest_id, with_files=False)
+    if manifest.done:
+        from tasks.manifests import ManifestResult
+
+        return ManifestResult(manifest, already_done=True)
+    logger = get_run_logger()
+    with (
+        holding_device(device_slot(settings)),
+        ShardProcessor(
+            checkpoint,
+            device=settings.device,
+            workers=settings.workers,
+            batch_size=settings.batch_size,
+            reduced=bool(manifest.parameters.get("reduced", True)),
+            thumbnails_dir=settings.thumbnails_dir,
+        ) as processor,
+    ):
+        return screen_manifest(
+            sessions,
+            manifest_id,
+            processor,
+            hmac_key=settings.hmac_secret(),
+            worker=worker_label(settings),
+            prefect_flow_run_id=str(flow_run.id) if flow_run.id else None,
+            on_chunk=lambda r: logger.info(
+                "manifest %d: %d of %d files committed",
+                manifest_id,
+                r.manifest.files_done,
+                r.manifest.n_files,
+            ),
+        )
+
+
+@flow(name=SHARD_FLOW, description="Screen one shard manifest of a fan-out job (on a worker).")
+def screen_shard(
+    manifest_id: int,
+    model: str,
+    database_url: str | None = None,
+    device: str | None = None,
+    workers: int | None = None,
+    batch_size: int | None = None,
+) -> dict[str, Any]:
+    """Claim manifest ``manifest_id`` and screen what is left of it on this worker's device.
+
+    The job's own settings (force, selection, shard size, aggregation, reduced decoding) come
+    from the manifest; this worker's come from its environment (database URL, device, decode
+    processes, home, HMAC key, device slot). The model file must be the one the job planned.
+    """
+    from model.checkpoint import load_checkpoint
+    from sql.db import connect, session_factory
+
+    # pydicom logs each decoder failure at ERROR with a traceback; the reason is stored with the
+    # file (file_outcomes.reason), so this run's log keeps to the shard's progress.
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    settings = fanout_settings(
+        database_url=database_url, device=device, workers=workers, batch_size=batch_size
+    )
+    if not Path(model).is_file():
+        raise FanoutError(f"the model file {model} does not exist on this worker")
+    engine = connect(settings.database_url)
+    try:
+        sessions = session_factory(engine)
+        checkpoint = load_checkpoint(model)
+        result = screen_manifest_task(sessions, manifest_id, checkpoint, settings)
+    finally:
+        engine.dispose()
+    m = result.manifest
+    get_run_logger().info(
+        "manifest %d (shard %d of job %s): %s, %d files this run, counts %s",
+        m.manifest_id,
+        m.shard_index,
+        m.job_key,
+        "already done" if result.already_done else m.status,
+        result.files,
+        dict(result.counts),
+    )
+    return {
+        "manifest_id": m.manifest_id,
+        "shard_index": m.shard_index,
+        "status": m.status,
+        "files": result.files,
+        "counts": dict(m.counts),
+        "already_done": result.already_done,
+        "worker": m.worker,
+    }
+
+
+# --- the parent flow ------------------------------------------------------------------------
+
+
+@task(name="launch-shard", cache_policy=NO_CACHE)
+def launch_shard(
+    sessions,
+    manifest: store.Manifest,
+    *,
+    deployment: str,
+    job_key: str,
+    parameters: dict[str, Any],
+    attempts: int,
+    timeout_s: float | None,
+    poll_s: float,
+) -> store.Manifest:
+    """Run the shard's sub-flow until its manifest is done, at most ``attempts`` times.
+
+    Attempt ``k`` uses the idempotency key ``<job_key>:shard-<index>:try-<k>``: a retried
+    parent gets the runs it started before instead of new ones.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelling
+
+    logger = get_run_logger()
+    index = manifest.shard_index
+    last = "not started"
+    for attempt in range(attempts):
+        child = run_deployment(
+            deployment,
+            parameters=parameters,
+            idempotency_key=f"{job_key}:shard-{index}:try-{attempt}",
+            flow_run_name=f"shard-{index:05d}-try-{attempt}",
+            timeout=timeout_s,
+            poll_interval=poll_s,
+            tags=["cxr-screen", "fanout-shard"],
+        )
+        state = child.state
+        if state is None or not state.is_final():
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(
+                    child.id,
+                    Cancelling(message=f"no result after {timeout_s:g} s; launching it again"),
+                    force=True,
+                )
+            last = f"still {state.name if state else 'unscheduled'} after {timeout_s:g} s"
+        else:
+            last = f"{state.name}: {state.message or ''}".strip()
+        with sessions() as session:
+            current = store.get_manifest(session, manifest.manifest_id, with_files=False)
+        if current.done:
+            return current
+        if current.error:
+            last += f" (manifest error: {current.error})"
+        logger.warning(
+            "shard %d (manifest %d) attempt %d of %d did not finish: %s",
+            index,
+            manifest.manifest_id,
+            attempt + 1,
+            attempts,
+            last,
+        )
+    raise FanoutError(
+        f"shard {index} (manifest {manifest.manifest_id}) did not finish after {attempts} "
+        f"attempt(s); last: {last}"
+    )
+
+
+@flow(
+    name="screen-fanout",
+    task_runner=ThreadPoolTaskRunner(max_workers=MAX_IN_FLIGHT_CAP),
+    description="Reprocess large sources across workers: one sub-flow run per shard manifest.",
+)
+def screen_fanout(
+    sources: list[str],
+    model: str | None = None,
+    force: bool = False,
+    manifest_size: int | None = None,
+    shard_size: int | None = None,
+    max_in_flight: int = 8,
+    shard_attempts: int = 3,
+    shard_timeout_s: float | None = None,
+    aggregation: str = "max",
+    reduced: bool = True,
+    selection: dict[str, Any] | None = None,
+    spool_dir: str | None = None,
+    job_key: str | None = None,
+    deployment: str = SHARD_DEPLOYMENT,
+    database_url: str | None = None,
+    poll_s: float = 5.0,
+) -> dict[str, Any]:
+    """Plan → launch one sub-flow run per manifest (bounded) → re-aggregate split studies.
+
+    ``sources`` and ``model`` are paths every worker sees at the same place. Workers read
+    their database URL from their own environment unless ``database_url`` is given here (then
+    it is passed to them as a parameter, visible in the UI: keep passwords out of it).
+    """
+    from model.checkpoint import load_checkpoint
+    from sql.db import connect, session_factory
+    from tasks import manifests as plan
+    from tasks.selection import SelectionPolicy
+
+    logger = get_run_logger()
+    settings = fanout_settings(database_url=database_url, shard_size=shard_size)
+    model_path = model or (str(settings.model_path) if settings.model_path else None)
+    if not model_path:
+        raise FanoutError("no model given: pass model or set CXR_SCREEN_MODEL_PATH")
+    missing = [s for s in [model_path, *sources] if not Path(s).exists()]
+    if missing:
+        raise FanoutError(f"{missing[0]} does not exist")
+    if not sources:
+        raise FanoutError("no sources given")
+    size = manifest_size or settings.manifest_size
+    for name, value, low, high in (
+        ("manifest_size", size, 1, None),
+        ("shard_size", settings.shard_size, 1, None),
+        ("max_in_flight", max_in_flight, 1, MAX_IN_FLIGHT_CAP),
+        ("shard_attempts", shard_attempts, 1, None),
+    ):
+        if value < low or (high is not None and value > high):
+            rule = f"from {low} to {high}" if high else f"at least {low}"
+            raise FanoutError(f"a {name} of {value} is invalid, it must be {rule}")
+    if shard_timeout_s is not None and shard_timeout_s <= 0:
+        raise FanoutError(f"a shard_timeout_s of {shard_timeout_s:g} is invalid, it must be > 0")
+    policy = SelectionPolicy.from_dict(selection) if selection else SelectionPolicy()
+    spool = spool_dir or (str(settings.spool_dir) if settings.spool_dir else None)
+    key = job_key or (str(flow_run.id) if flow_run.id else None)
+    if not key:
+        raise FanoutError("no job_key: run the fan-out as a Prefect flow or give a job_key")
+    model_path = str(Path(model_path).resolve())
+    checkpoint = load_checkpoint(model_path)
+    parameters = {
+        "force": force,
+        "reduced": reduced,
+        "aggregation": aggregation,
+        "shard_size": settings.shard_size,
+        "selection": policy.to_dict(),
+        "model_sha256": checkpoint.sha256,
+        "key_fingerprint": plan.key_fingerprint(settings.hmac_secret()),
+    }
+    engine = connect(settings.database_url)
+    sessions = session_factory(engine)
+    started = time.perf_counter()
+    job = None
+    try:
+        job = plan.open_job(
+            sessions,
+            checkpoint,
+            job_key=key,
+            source=", ".join(str(s) for s in sources),
+            parameters={
+                **parameters,
+                "fanout": True,
+                "job_key": key,
+                "manifest_size": size,
+                "max_in_flight": max_in_flight,
+                "sources": len(sources),
+            },
+            prefect_flow_run_id=str(flow_run.id) if flow_run.id else None,
+        )
+        if job.completed:
+            logger.info("fan-out job %s was already completed (run %d)", key, job.run_id)
+        try:
+            manifests = plan.plan_job(
+                sessions,
+                job_key=key,
+                sources=[str(Path(s).resolve()) for s in sources],
+                run_id=job.run_id,
+                model_id=job.model_id,
+                parameters=parameters,
+                manifest_size=size,
+                spool_dir=spool,
+            )
+        except (plan.CompressedTarError, store.ManifestError) as exc:
+            plan.close_job(sessions, job, error=str(exc), forget=not job.resumed)
+            job = None  # closed
+            raise FanoutError(str(exc)) from None
+        report("start", run_id=job.run_id, total=sum(m.n_files for m in manifests))
+        logger.info(
+            "fan-out job %s (run %d): %d files in %d manifests, %d already done",
+            key,
+            job.run_id,
+            sum(m.n_files for m in manifests),
+            len(manifests),
+            sum(m.done for m in manifests),
+        )
+        child_parameters = {"model": model_path}
+        if database_url:
+            child_parameters["database_url"] = database_url
+        failures = _launch_all(
+            sessions,
+            manifests,
+            run_id=job.run_id,
+            max_in_flight=max_in_flight,
+            deployment=deployment,
+            job_key=key,
+            parameters=child_parameters,
+            attempts=shard_attempts,
+            timeout_s=shard_timeout_s,
+            poll_s=poll_s,
+        )
+        with sessions() as session:
+            final = store.job_manifests(session, key)
+        counts = plan.job_counts(final)
+        if failures:
+            first, exc = failures[0]
+            raise FanoutError(
+                f"{len(failures)} of {len(final)} shard(s) did not finish; first: shard "
+                f"{first.shard_index}: {exc}"
+            )
+        split = plan.split_study_uids(final)
+        plan.aggregate_studies(
+            sessions,
+            split,
+            model_id=job.model_id,
+            run_id=job.run_id,
+            aggregation=aggregation,
+            force=force,
+        )
+        plan.close_job(sessions, job, counts=counts)
+        job_done = job
+        job = None  # closed
+        plan.remove_spool(spool, key)
+    except BaseException as exc:
+        if job is not None:  # the run records why it stopped; the manifests keep the progress
+            try:
+                with sessions() as session:
+                    so_far = plan.job_counts(store.job_manifests(session, key))
+                plan.close_job(sessions, job, counts=so_far, error=f"{type(exc).__name__}: {exc}")
+            except Exception as inner:  # e.g. the database is what failed: keep the first error
+                exc.add_note(f"(closing run {job.run_id} as failed also failed: {inner})")
+        raise
+    finally:
+        engine.dispose()
+    seconds = time.perf_counter() - started
+    by_worker: dict[str, int] = {}
+    for m in final:
+        by_worker[m.worker or "?"] = by_worker.get(m.worker or "?", 0) + 1
+    summary = {
+        "run_id": job_done.run_id,
+        "job_key": key,
+        "model": f"{checkpoint.name} {checkpoint.version}",
+        "files_seen": counts["files_seen"],
+        "predicted": counts["predicted"],
+        "skipped": counts["skipped"],
+        "failed": counts["failed"],
+        "manifests": len(final),
+        "split_studies": len(split),
+        "workers": by_worker,
+        "seconds": round(seconds, 2),
+        "images_per_second": round(counts["predicted"] / seconds, 2) if seconds else 0.0,
+    }
+    create_table_artifact(
+        [{k: v for k, v in summary.items() if k != "workers"}],
+        key="fanout-summary",
+        description=f"Run {job_done.run_id}: fan-out job {key}",
+    )
+    create_table_artifact(
+        [{"worker": w, "manifests": n} for w, n in sorted(by_worker.items())],
+        key="fanout-workers",
+        description=f"Run {job_done.run_id}: manifests screened per worker (last claim)",
+    )
+    report("done", **summary)
+    return summary
+
+
+def _launch_all(
+    sessions,
+    manifests: list[store.Manifest],
+    *,
+    run_id: int,
+    max_in_flight: int,
+    parameters: dict[str, Any],
+    **launch: Any,
+) -> list[tuple[store.Manifest, BaseException]]:
+    """Launch a sub-flow run per manifest not yet done, at most ``max_in_flight`` at once;
+    returns the shards that did not finish, with why."""
+    progress_id = create_progress_artifact(
+        0.0, key="fanout-progress", description=f"run {run_id}: files in finished shards"
+    )
+    finished = [m for m in manifests if m.done]
+    failures: list[tuple[store.Manifest, BaseException]] = []
+    in_flight: dict = {}
+
+    def collect() -> None:
+        done, _ = wait_futures(list(in_flight), return_when=FIRST_COMPLETED)
+        for wrapped in done:
+            future, manifest = in_flight.pop(wrapped)
+            try:
+                finished.append(future.result())
+            except Exception as exc:
+                failures.append((manifest, exc))
+        _progress(progress_id, finished, manifests)
+
+    for manifest in manifests:
+        if manifest.done:
+            continue
+        while len(in_flight) >= max_in_flight:
+            collect()
+        future = launch_shard.submit(
+            sessions,
+            manifest,
+            parameters={**parameters, "manifest_id": manifest.manifest_id},
+            **launch,
+        )
+        in_flight[future.wrapped_future] = (future, manifest)
+    while in_flight:
+        collect()
+    return failures
+
+
+def _progress(progress_id, finished: list, manifests: list) -> None:
+    from prefect.artifacts import update_progress_artifact
+
+    done = sum(m.n_files for m in finished)
+    total = sum(m.n_files for m in manifests) or 1
+    update_progress_artifact(progress_id, min(100.0, 100.0 * done / total))
+    counts: dict[str, int] = {}
+    for m in finished:
+        for k, v in m.counts.items():
+            counts[k] = counts.get(k, 0) + int(v)
+    report("shard", files=done, seen=done, counts=counts)
+
+
+# --- deployments -------------------------------------------------------------------------------
+
+
+def register_deployments(
+    work_pool: str = WORK_POOL,
+    *,
+    shard_queue: str = SHARD_QUEUE,
+    control_queue: str = CONTROL_QUEUE,
+    create_pool: bool = True,
+) -> dict[str, str]:
+    """Register ``screen-shard/shard`` (queue ``shard_queue``) and
+    ``screen-fanout/reprocess-fanout`` (queue ``control_queue``) on a process work pool,
+    creating the pool if asked. Module entrypoints: workers import the installed package,
+    whatever their working directory. Returns deployment name -> id."""
+    import importlib
+
+    from prefect.deployments.runner import EntrypointType
+
+    if create_pool:
+        ensure_work_pool(work_pool)
+    # The flows as the installed module names them (not ``__main__`` under ``python -m``).
+    flows = importlib.import_module("flows.fanout")
+    module = EntrypointType.MODULE_PATH
+    deployments = {
+        SHARD_DEPLOYMENT: flows.screen_shard.to_deployment(
+            "shard",
+            work_pool_name=work_pool,
+            work_queue_name=shard_queue,
+            description="One shard manifest of a fan-out job; launched by screen-fanout only",
+            tags=["cxr-screen", "fanout-shard"],
+            entrypoint_type=module,
+        ),
+        f"screen-fanout/{FANOUT_DEPLOYMENT_NAME}": flows.screen_fanout.to_deployment(
+            FANOUT_DEPLOYMENT_NAME,
+            work_pool_name=work_pool,
+            work_queue_name=control_queue,
+            description="Reprocess large sources across the GPU workers (parameters: sources, "
+            "model, force, manifest_size, max_in_flight, spool_dir)",
+            tags=["cxr-screen", "reprocess", "fanout"],
+            entrypoint_type=module,
+        ),
+    }
+    return {name: str(d.apply()) for name, d in deployments.items()}
+
+
+def ensure_work_pool(name: str) -> None:
+    """Create a ``process`` work pool with Prefect's default job template unless it exists."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):
+                client.create_work_pool(
+                    WorkPoolCreate(
+                        name=name,
+                        type="process",
+                        base_job_template=ProcessWorker.get_default_base_job_template(),
+                    )
+                )
+
+
+# --- CLI commands (registered by flows/cli.py) ------------------------------------------------
+
+cli = typer.Typer(help="Fan-out reprocessing across Prefect workers", no_args_is_help=True)
+
+
+@cli.command("register")
+def register_command(
+    pool: Annotated[str, typer.Option(help="Process work pool (created if missing)")] = WORK_POOL,
+    shard_queue: Annotated[str, typer.Option(help="Queue the GPU workers poll")] = SHARD_QUEUE,
+    control_queue: Annotated[
+        str, typer.Option(help="Queue the fan-out parents run from")
+    ] = CONTROL_QUEUE,
+) -> None:
+    """Register the shard and fan-out deployments on the Prefect server (PREFECT_API_URL)."""
+    from flows.common import quiet_prefect_defaults
+
+    quiet_prefect_defaults()
+    _require_server()
+    ids = register_deployments(pool, shard_queue=shard_queue, control_queue=control_queue)
+    for name, deployment_id in ids.items():
+        typer.echo(f"registered {name} ({deployment_id}) on pool {pool}")
+
+
+@cli.command("run")
+def run_command(
+    sources: Annotated[list[Path], typer.Argument(help="Folders, files or archives")],
+    model: Annotated[Path | None, typer.Option(help="Checkpoint every worker can read")] = None,
+    force: Annotated[bool, typer.Option(help="Recompute what this model predicted")] = False,
+    manifest_size: Annotated[
+        int | None, typer.Option(min=1, help="Files per shard (one sub-flow run each)")
+    ] = None,
+    max_in_flight: Annotated[int, typer.Option(min=1, max=MAX_IN_FLIGHT_CAP)] = 8,
+    shard_timeout: Annotated[
+        float | None, typer.Option(help="Seconds before a shard's run is cancelled and retried")
+    ] = None,
+    spool_dir: Annotated[
+        Path | None, typer.Option(help="Shared folder for .tar.gz members (every worker)")
+    ] = None,
+    job_key: Annotated[
+        str | None, typer.Option(help="Resume the fan-out job with this key")
+    ] = None,
+    db: Annotated[str | None, typer.Option("--db", help="Results database URL")] = None,
+) -> None:
+    """Reprocess sources across the workers of a Prefect server (this process is the parent)."""
+    from flows.cli import _run_with_progress, print_summary, quiet_logging
+
+    quiet_logging()
+    _require_server()
+    summary = _run_with_progress(
+        screen_fanout,
+        sources=[str(s) for s in sources],
+        model=str(model) if model else None,
+        force=force,
+        manifest_size=manifest_size,
+        max_in_flight=max_in_flight,
+        shard_timeout_s=shard_timeout,
+        spool_dir=str(spool_dir) if spool_dir else None,
+        job_key=job_key,
+        database_url=db,
+    )
+    print_summary(summary)
+
+
+def _require_server() -> None:
+    """Fan-out needs a real Prefect server with workers; Prefect's temporary one has none."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        typer.echo(
+            "error: fan-out needs a Prefect server with workers: set PREFECT_API_URL "
+            "(e.g. http://prefect-server:4200/api)",
+            err=True,
+        )
+        raise typer.Exit(2)
+
+
+if __name__ == "__main__":
+    cli()
