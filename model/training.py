@@ -219,3 +219,23 @@ def train_classifier(
         config=asdict(cfg),
         seconds=time.perf_counter() - started,
     )
+
+
+def build_and_train(
+    architecture: str,
+    arch_kwargs: dict[str, Any],
+    train_ds: Dataset,
+    val_ds: Dataset,
+    config: TrainConfig | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Seed, then build the network (so its initial weights follow the seed too), then train.
+
+    The reproducible entry point: two calls with the same data and config give the same
+    weights bit for bit on CPU.
+    """
+    from model.network import build_model
+
+    seed_everything((config or TrainConfig()).seed)
+    net = build_model(architecture, **arch_kwargs)
+    return train_classifier(net, train_ds, val_ds, config, on_epoch)

@@ -14,9 +14,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.common import retry_on_transient_db_error
 from model.checkpoint import Checkpoint
-from model.network import build_model
 from model.spec import PreprocessSpec
-from model.training import TrainConfig, TrainResult, train_classifier
+from model.training import TrainConfig, TrainResult, build_and_train
 from tasks import training_run
 from tasks.selection import SelectionPolicy
 from tasks.training_data import Progress, TrainingData, build_training_data
@@ -69,8 +68,7 @@ def fit(
     config: TrainConfig,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
-    net = build_model(architecture, **arch_kwargs)
-    return train_classifier(net, data.train, data.validation, config, on_epoch)
+    return build_and_train(architecture, arch_kwargs, data.train, data.validation, config, on_epoch)
 
 
 @task(name="save-checkpoint", cache_policy=NO_CACHE)
