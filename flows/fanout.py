@@ -663,9 +663,10 @@ def run_command(
     db: Annotated[str | None, typer.Option("--db", help="Results database URL")] = None,
 ) -> None:
     """Reprocess sources across the workers of a Prefect server (this process is the parent)."""
-    from flows.cli import _run_with_progress, print_summary, quiet_logging
+    from flows.cli import _run_with_progress, print_summary
+    from flows.common import quiet_console
 
-    quiet_logging()
+    quiet_console()
     _require_server()
     summary = _run_with_progress(
         screen_fanout,

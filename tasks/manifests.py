@@ -41,7 +41,7 @@ from sql import manifests as store
 from sql import writes
 from tasks.discovery import DEFAULT_LIMITS, ArchiveLimits, SourceFile, discover
 from tasks.ingest import scan_file
-from tasks.screening import ShardProcessor, plan_skips
+from tasks.screening import PendingShard, ShardProcessor, plan_skips
 from tasks.selection import SelectionPolicy
 
 RECORD_FIELDS = ("uri", "path", "member", "container", "offset", "size", "error")
@@ -319,7 +319,8 @@ def screen_manifest(
     """Claim a manifest and screen its remaining files, one transaction per chunk.
 
     Each chunk: header scan + selection, plan (skip what the model version already
-    predicted unless ``force``), decode + infer, then in ONE transaction: write the chunk,
+    predicted unless ``force``), decode (in the processor's pool, overlapping the previous
+    chunk's scoring and writing) + infer, then in ONE transaction: write the chunk,
     re-aggregate its studies, advance the manifest. A failure marks the claim failed (for the
     parent and the operator) and raises. ``on_chunk(result)`` is called after each commit.
     """
@@ -345,10 +346,10 @@ def screen_manifest(
                 f"shard manifest {manifest_id} lists {len(manifest.files or [])} files but "
                 f"expects {manifest.n_files}; its file list was removed or damaged"
             )
-        for chunk in batches(remaining, int(p.get("shard_size", 256))):
-            items = [scan_file(from_record(r), policy, hmac_key) for r in chunk]
-            skip = plan_skips(sessions, manifest.model_id, items, force)
-            rows = processor.process(items, skip)
+
+        def commit(chunk: list[dict[str, Any]], pending: PendingShard) -> None:
+            nonlocal done
+            rows = processor.collect(pending)
             with sessions.begin() as session:
                 written = writes.write_shard(
                     session,
@@ -384,6 +385,19 @@ def screen_manifest(
             result.reasons += rows.reasons
             if on_chunk is not None:
                 on_chunk(result)
+
+        # The decode pool works on the next chunk while this process scores and writes the
+        # previous one (as the single-process flow does).
+        previous: tuple[list[dict[str, Any]], PendingShard] | None = None
+        for chunk in batches(remaining, int(p.get("shard_size", 256))):
+            items = [scan_file(from_record(r), policy, hmac_key) for r in chunk]
+            skip = plan_skips(sessions, manifest.model_id, items, force)
+            pending = processor.submit(items, skip)
+            if previous is not None:
+                commit(*previous)
+            previous = (chunk, pending)
+        if previous is not None:
+            commit(*previous)
     except BaseException as exc:
         if not isinstance(exc, store.ManifestLost):
             _record_failure(sessions, manifest_id, attempt, exc)

@@ -410,3 +410,18 @@ def test_launches_stay_within_max_in_flight_and_failures_are_collected(as_parent
     assert sorted(launched) == [100 + i for i in range(1, 10)]  # the done one is not launched
     ((manifest, exc),) = failures
     assert manifest.shard_index == 4 and "worker lost" in str(exc)
+
+
+@pytest.mark.parametrize("command", [["register"], ["run", "/nonexistent", "--model", "m.pt"]])
+def test_fanout_commands_need_a_prefect_server(command, monkeypatch):
+    """Prefect's temporary server has no workers: fan-out refuses to start without a real one."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from typer.testing import CliRunner
+
+    from flows.fanout import cli
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        result = CliRunner().invoke(cli, command)
+    assert result.exit_code == 2, result.output
+    assert "fan-out needs a Prefect server with workers: set PREFECT_API_URL" in result.output

@@ -77,17 +77,23 @@ def plan(url: str, corpus: dict, spool: Path, *, job_key="job-1", manifest_size=
     ckpt = load_checkpoint(corpus["model"])
     engine = connect(url)
     sessions = session_factory(engine)
-    job = fan.open_job(sessions, ckpt, job_key=job_key, source="test", parameters=parameters(ckpt))
-    manifests = fan.plan_job(
-        sessions,
-        job_key=job_key,
-        sources=corpus["sources"],
-        run_id=job.run_id,
-        model_id=job.model_id,
-        parameters=parameters(ckpt),
-        manifest_size=manifest_size,
-        spool_dir=spool,
-    )
+    try:
+        job = fan.open_job(
+            sessions, ckpt, job_key=job_key, source="test", parameters=parameters(ckpt)
+        )
+        manifests = fan.plan_job(
+            sessions,
+            job_key=job_key,
+            sources=corpus["sources"],
+            run_id=job.run_id,
+            model_id=job.model_id,
+            parameters=parameters(ckpt),
+            manifest_size=manifest_size,
+            spool_dir=spool,
+        )
+    except BaseException:
+        engine.dispose()  # a leaked connection's ResourceWarning would land in a file's reason
+        raise
     return engine, sessions, ckpt, job, manifests
 
 
@@ -161,30 +167,31 @@ def test_fanout_equals_single_process_with_split_studies(
     assert {k: counts[k] for k in expected_counts} == expected_counts
     assert counts["files_seen"] == corpus["files"]
     assert_same_results(results(db_url), results(reference))
-    with session_factory(connect(db_url))() as session:
+    engine = connect(db_url)
+    with session_factory(engine)() as session:
         after = store.job_manifests(session, job.job_key)
         (run,) = session.execute(
             sa.text("SELECT status, files_seen FROM runs WHERE run_id = :r"), {"r": job.run_id}
         ).all()
+        assert store.get_manifest(session, after[0].manifest_id).files == []  # compacted
+    engine.dispose()
     assert run == ("completed", corpus["files"])
     assert all(m.done for m in after)
-    with session_factory(connect(db_url))() as session:
-        assert store.get_manifest(session, after[0].manifest_id).files == []  # compacted
 
 
 class Crashing(ShardProcessor):
-    """A processor whose process dies (an exception) at its n-th chunk."""
+    """A processor that dies (an exception) scoring its n-th chunk."""
 
     def __init__(self, *args, crash_at: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.calls = 0
         self.crash_at = crash_at
 
-    def process(self, items, skip_uids=frozenset()):
+    def collect(self, pending):
         self.calls += 1
         if self.calls == self.crash_at:
             raise RuntimeError("worker died mid-manifest")
-        return super().process(items, skip_uids)
+        return super().collect(pending)
 
 
 def test_a_worker_dying_mid_manifest_is_resumed_after_its_last_chunk(
@@ -208,7 +215,8 @@ def test_a_worker_dying_mid_manifest_is_resumed_after_its_last_chunk(
     committed = sum(failed.counts.values())
     assert committed == 8
 
-    with ShardProcessor(ckpt, device="cpu", workers=0) as processor:
+    # The resuming worker decodes in a process pool (overlapping decode with scoring).
+    with ShardProcessor(ckpt, device="cpu", workers=1) as processor:
         resumed = fan.screen_manifest(
             sessions, only.manifest_id, processor, hmac_key=KEY, worker="b"
         )
