@@ -222,6 +222,36 @@ def decode_many(args: list[tuple]) -> list[Decoded]:
     return [decode_item(*a) for a in args]
 
 
+def init_worker() -> None:
+    """Process-pool initializer of the decode workers: quiet stderr, exit with the parent."""
+    quiet_worker()
+    exit_with_parent()
+
+
+def exit_with_parent() -> None:
+    """End this (spawned) worker as soon as the process that started it dies.
+
+    A pool worker waits on its task queue, whose write end it holds itself, so it never sees
+    end-of-file: when its parent is killed (SIGKILL, the OOM killer) the worker and the
+    resource tracker would stay behind forever, holding memory. A daemon thread waits on the
+    parent's sentinel (readable once the parent is gone) and exits the process.
+    """
+    import multiprocessing
+    import threading
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()
+    if parent is None:  # not started by multiprocessing
+        return
+    sentinel = parent.sentinel
+
+    def watch() -> None:
+        wait([sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def quiet_worker() -> None:
     """Process-pool initializer: codecs' C libraries print to stderr (e.g. OpenJPEG's "Tile part
     length size inconsistent with stream length" for a truncated file); the reason is recorded

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from model.checkpoint import Checkpoint
 from model.predictor import Predictor
 from sql import writes
-from tasks.ingest import Decoded, ScanItem, decode_item, decode_many, quiet_worker
+from tasks.ingest import Decoded, ScanItem, decode_item, decode_many, init_worker
 from tasks.outcomes import Outcome
 
 
@@ -151,7 +151,7 @@ class ShardProcessor:
         return ProcessPoolExecutor(
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=quiet_worker,
+            initializer=init_worker,
         )
 
     def _restart_pool(self) -> None:

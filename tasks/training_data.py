@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 
 from model.spec import PreprocessSpec
 from tasks.discovery import DEFAULT_LIMITS, ArchiveLimits, discover
-from tasks.ingest import Decoded, ScanItem, decode_item, scan_file
+from tasks.ingest import Decoded, ScanItem, decode_item, exit_with_parent, scan_file
 from tasks.outcomes import Outcome
 from tasks.selection import DEFAULT_POLICY, SelectionPolicy
 
@@ -412,7 +412,9 @@ def decode_all(args: list[tuple], workers: int) -> Iterator[Decoded]:
         return
     context = multiprocessing.get_context("spawn")
     done = 0
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(args)), mp_context=context)
+    pool = ProcessPoolExecutor(
+        max_workers=min(workers, len(args)), mp_context=context, initializer=exit_with_parent
+    )
     try:
         chunk = max(1, min(16, len(args) // (workers * 4)))
         try:
@@ -424,7 +426,9 @@ def decode_all(args: list[tuple], workers: int) -> Iterator[Decoded]:
             pass
         for a in args[done:]:
             pool.shutdown(wait=False, cancel_futures=True)
-            pool = ProcessPoolExecutor(max_workers=1, mp_context=context)
+            pool = ProcessPoolExecutor(
+                max_workers=1, mp_context=context, initializer=exit_with_parent
+            )
             try:
                 result = pool.submit(decode_item, *a).result()
             except BrokenProcessPool:
