@@ -204,7 +204,9 @@ def nightly(
     summary = screen(
         [folder],
         model=model,
-        database_url=settings.database_url,
+        # not settings.database_url: the subflow reads the same settings, and a URL passed here
+        # would be recorded by Prefect as a parameter, with its password, for anyone to see
+        database_url=database_url,
         device=device,
         kind="nightly",
         newer_than=since.timestamp() if since else None,
