@@ -14,6 +14,7 @@ from rich.table import Table
 
 from flows.common import PrefectPrestart, fatal_reason, quiet_console
 from flows.demo import demo_command, train_command
+from flows.fanout_cli import cli as fanout_cli
 from flows.serve import serve_command
 
 app = typer.Typer(
@@ -111,6 +112,7 @@ def model_import(
 app.command("serve")(serve_command)
 app.command("train")(train_command)
 app.command("demo")(demo_command)
+app.add_typer(fanout_cli, name="fanout")
 
 
 @app.command()

@@ -104,8 +104,12 @@ def preprocess(
         ds = read_dataset(src)
     # pydicom names the file in some warnings; the reason must not carry paths (they can hold
     # patient names), so drop that part
+    # Only pydicom's own warnings describe the file; ``catch_warnings`` is process-wide, so
+    # others (a ResourceWarning from another thread, say) can land here too.
     read_warnings = [
-        re.sub(r"\s+in file \S.*$", "", " ".join(str(w.message).split())) for w in caught
+        re.sub(r"\s+in file \S.*$", "", " ".join(str(w.message).split()))
+        for w in caught
+        if f"{os.sep}pydicom{os.sep}" in (w.filename or "")
     ]
     try:
         reduce_to = reduce_margin if reduced else None

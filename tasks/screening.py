@@ -377,8 +377,11 @@ def close_run(ctx: RunContext, counts: Counter, error: str | None = None) -> Non
     status = "failed" if error else "completed"
     full = {k: int(counts.get(k, 0)) for k in ("predicted", "skipped", "failed")}
     full["files_seen"] = sum(full.values())
-    with ctx.sessions.begin() as session:
-        writes.finish_run(session, ctx.run_id, status, full, error)
+    try:
+        with ctx.sessions.begin() as session:
+            writes.finish_run(session, ctx.run_id, status, full, error)
+    finally:
+        ctx.engine.dispose()  # the run is over: return its connections
 
 
 def read_watermark(database_url: str, name: str):
