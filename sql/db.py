@@ -50,6 +50,9 @@ def normalize_url(url: str) -> sa.URL:
 def get_engine(url: str | sa.URL, **engine_kwargs) -> Engine:
     """An engine configured for this project's use of SQLite or PostgreSQL."""
     parsed = normalize_url(str(url) if isinstance(url, sa.URL) else url)
+    # Error messages must not quote bound values (accession numbers, UIDs, file paths): they
+    # end up in Prefect's task-run states and logs when a write fails.
+    engine_kwargs.setdefault("hide_parameters", True)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
         if database and database != ":memory:" and not database.startswith("file:"):
