@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import torch
 from model.checkpoint import Checkpoint
 from model.network import LGMobileNetV2
 from model.spec import PreprocessSpec
+from tasks import synth
 
 HMAC_KEY = "reliability-hmac-7f3c9e41d2b8a6057e1c"  # planted: must never appear in any output
 
@@ -164,6 +166,16 @@ class Cli:
         return alive
 
 
+def process_alive(pid: int) -> bool:
+    """The process exists and has not exited (a zombie has)."""
+    return _exists(pid) and not _zombie(pid)
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes of a process group."""
+    return _group_members(pgid)
+
+
 def _exists(pid: int) -> bool:
     return os.path.exists(f"/proc/{pid}")
 
@@ -192,6 +204,78 @@ def run_cli(args: list[str], env: dict[str, str], workdir: Path, timeout: float 
     return Cli(args, env, workdir, **kw).wait(timeout)
 
 
+# --- a corpus, and a view of a run from the database's side ---------------------------------
+
+SHARD_TABLES = ("instances", "file_outcomes", "image_predictions", "study_predictions")
+
+
+def write_corpus(root: Path) -> int:
+    """Chest studies in four syntaxes, broken and unselected files, and a zip: 70-odd files,
+    small images (the cost of a trial is the process start-up, not the pixels)."""
+    synth.write_corpus(
+        root / "studies",
+        36,
+        seed=21,
+        size_range=(128, 192),
+        syntaxes=["explicit_le", "rle", "jpeg_ls", "j2k_lossless"],
+        lateral_fraction=0.25,
+    )
+    (root / "studies" / "labels.csv").unlink()
+    synth.write_broken(root / "broken")
+    synth.write_unselected(root / "unselected")
+    extra = root.parent / "zip_src"
+    synth.write_corpus(extra, 6, seed=22, size_range=(128, 192), lateral_fraction=0.0)
+    with zipfile.ZipFile(root / "archive.zip", "w") as zf:
+        for f in sorted(extra.rglob("*.dcm")):
+            zf.write(f, f.relative_to(extra).as_posix())
+    return sum(1 for p in root.rglob("*") if p.is_file()) - 1 + 6
+
+
+class Watcher:
+    """Looks at the results database from outside while a run goes on."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+        self.conn = self.engine.connect()
+
+    def close(self) -> None:
+        self.conn.close()
+        self.engine.dispose()
+
+    def scalar(self, sql: str, **params):
+        try:
+            return self.conn.execute(sa.text(sql), params).scalar()
+        except sa.exc.ProgrammingError:  # the schema does not exist yet
+            return None
+
+    def last_run(self) -> int:
+        return self.scalar("SELECT COALESCE(MAX(run_id), 0) FROM runs") or 0
+
+    def rows_of(self, run_id: int) -> int:
+        return self.scalar("SELECT COUNT(*) FROM file_outcomes WHERE run_id = :r", r=run_id) or 0
+
+    def shard_transaction(self) -> str | None:
+        """The xid of a transaction of another session now writing a shard, if any."""
+        rows = self.conn.execute(
+            sa.text(
+                "SELECT backend_xid::text, query FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND backend_xid IS NOT NULL"
+            )
+        ).all()
+        for xid, query in rows:
+            if any(t in (query or "") for t in SHARD_TABLES):
+                return xid
+        return None
+
+    def status(self, xid: str) -> str:
+        return self.scalar(
+            "SELECT pg_xact_status((((pg_snapshot_xmax(pg_current_snapshot())::text::bigint "
+            ">> 32) << 32) | CAST(:xid AS bigint))::text::xid8)",
+            xid=xid,
+        )
+
+
 # --- PostgreSQL --------------------------------------------------------------------------------
 
 
@@ -208,7 +292,7 @@ class PrivateCluster:
     as root the cluster belongs to the ``postgres`` OS user.
     """
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path | None = None) -> None:
         bins = sorted(
             glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"),
             key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0,
@@ -363,6 +447,8 @@ def consistency_problems(url: str) -> list[str]:
     problems = []
     try:
         with engine.connect() as conn:
+            if not sa.inspect(conn).has_table("image_predictions"):
+                return []  # killed before (or while) the schema was created: nothing to check
             for name, sql in checks.items():
                 n = conn.execute(sa.text(sql)).scalar_one()
                 if n:
