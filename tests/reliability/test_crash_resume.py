@@ -97,6 +97,7 @@ def kill_at(cli: Cli, watcher: Watcher, plan: str, rng: random.Random, before: i
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # 21+ kill-and-resume trials: minutes on a busy 2-core machine
 def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(
     tmp_path, pg_database, prefect_api_url, model_path
 ):
