@@ -336,9 +336,12 @@ class PrivateCluster:
     def start(self) -> None:
         self._ctl("start")
 
-    def restart(self) -> None:
-        """Fast shutdown (open transactions are rolled back, connections cut), then start."""
-        self._ctl("restart", "-m", "fast")
+    def restart(self, down: float = 0.0) -> None:
+        """Fast shutdown (open transactions are rolled back, connections cut), ``down``
+        seconds without a server, then start again."""
+        self._ctl("stop", "-m", "fast")
+        time.sleep(down)
+        self.start()
 
     def stop(self) -> None:
         with contextlib.suppress(subprocess.CalledProcessError):
