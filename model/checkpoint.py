@@ -241,3 +241,46 @@ def import_state_dict(
     )
     ckpt.build()  # validates keys and shapes
     return ckpt
+
+
+def untrained_checkpoint(
+    architecture: str = "lg_mobilenet_v2",
+    *,
+    version: str = "untrained",
+    name: str = "untrained",
+    seed: int = 0,
+    head_std: float | None = None,
+    threshold: float = 0.5,
+) -> Checkpoint:
+    """A checkpoint of a freshly initialised network, for tests, benchmarks and smoke runs.
+
+    Two classes (``normal``, ``abnormal``; the positive class is ``abnormal``) and the default
+    ``PreprocessSpec``. The weights are those ``torch.manual_seed(seed)`` followed by building
+    ``architecture`` gives; the global random state is left as it was. Its scores mean nothing.
+
+    head_std:
+        ``None`` keeps the architecture's own initialisation of the final linear layer (for
+        LGMobileNetV2, std 0.01: every image scores about 0.5). A number re-draws that layer's
+        weights from ``N(0, head_std)`` so that scores depend on the pixels (benchmarks that
+        compare scores between two code paths use 2.0).
+    """
+    class_names = ["normal", "abnormal"]
+    arch_kwargs = {"num_classes": len(class_names)}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = build_model(architecture, **arch_kwargs)
+        if head_std is not None:
+            head = [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
+            nn.init.normal_(head.weight, 0.0, head_std)
+    return Checkpoint(
+        architecture=architecture,
+        arch_kwargs=arch_kwargs,
+        class_names=class_names,
+        positive_class="abnormal",
+        threshold=threshold,
+        preprocessing=PreprocessSpec(),
+        version=version,
+        state_dict=net.state_dict(),
+        name=name,
+        provenance={"untrained": True, "seed": seed, "head_std": head_std},
+    )

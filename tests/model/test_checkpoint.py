@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import pickle
 import zipfile
@@ -11,6 +12,7 @@ from model.checkpoint import (
     CheckpointError,
     import_state_dict,
     load_checkpoint,
+    untrained_checkpoint,
 )
 from model.network import LGMobileNetV2
 from model.predictor import Predictor
@@ -79,23 +81,17 @@ def _randomise_bn(net):
 
 
 def make_checkpoint(**overrides) -> Checkpoint:
-    torch.manual_seed(0)
-    net = LGMobileNetV2()
+    """An untrained checkpoint with random batch-norm statistics and some metadata."""
+    ckpt = untrained_checkpoint(version="test-1", name="cxr-screen", threshold=0.42)
+    net = ckpt.build()
     _randomise_bn(net)
     fields = dict(
-        architecture="lg_mobilenet_v2",
-        arch_kwargs={"num_classes": 2},
-        class_names=["normal", "abnormal"],
-        positive_class="abnormal",
-        threshold=0.42,
-        preprocessing=PreprocessSpec(),
-        version="test-1",
         state_dict=net.state_dict(),
         provenance={"trained_on": "unit test"},
         metrics={"validation": {"auroc": 0.9}},
     )
     fields.update(overrides)
-    return Checkpoint(**fields)
+    return dataclasses.replace(ckpt, **fields)
 
 
 def test_seed_style_state_dict_imports_and_matches_outputs(tmp_path):
@@ -175,6 +171,40 @@ def test_truncated_or_foreign_files_give_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
     assert zipfile.is_zipfile(tmp_path / "m.pt")
+
+
+def test_untrained_checkpoint_is_reproducible_and_leaves_the_global_rng_alone(tmp_path):
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = untrained_checkpoint(version="u-1", seed=7)
+    assert torch.equal(torch.rand(3), expected_next)  # global random state untouched
+    b = untrained_checkpoint(version="u-1", seed=7)
+    assert a.version == "u-1" and a.name == "untrained" and a.threshold == 0.5
+    assert a.class_names == ["normal", "abnormal"] and a.positive_class == "abnormal"
+    assert a.state_dict.keys() == b.state_dict.keys()
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    other = untrained_checkpoint(seed=8)
+    assert not torch.equal(a.state_dict["stem.conv.weight"], other.state_dict["stem.conv.weight"])
+    # Same weights as building the network right after torch.manual_seed(seed).
+    torch.manual_seed(7)
+    assert torch.equal(
+        LGMobileNetV2().state_dict()["classifier.weight"], a.state_dict["classifier.weight"]
+    )
+    # head_std re-draws only the classifier's weights, so scores depend on the pixels.
+    wide = untrained_checkpoint(version="u-1", seed=7, head_std=2.0)
+    assert 1.0 < float(wide.state_dict["classifier.weight"].std()) < 3.0
+    assert torch.equal(wide.state_dict["stem.conv.weight"], a.state_dict["stem.conv.weight"])
+    x = torch.randn(8, 3, 150, 150)
+    with torch.no_grad():
+        flat = torch.softmax(a.build()(x), 1)[:, 1]
+        spread = torch.softmax(wide.build()(x), 1)[:, 1]
+    assert float(flat.max() - flat.min()) < float(spread.max() - spread.min())
+    # It saves and loads like any checkpoint; other architectures work too.
+    sha = wide.save(tmp_path / "u.pt")
+    assert load_checkpoint(tmp_path / "u.pt").sha256 == sha
+    tv = untrained_checkpoint("torchvision_mobilenet_v2", head_std=1.0)
+    assert tv.build()(torch.zeros(1, 3, 150, 150)).shape == (1, 2)
 
 
 def test_metadata_is_validated():
