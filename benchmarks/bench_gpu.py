@@ -19,10 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.checkpoint import Checkpoint
+from model.checkpoint import untrained_checkpoint
 from model.network import LGMobileNetV2
 from model.predictor import Predictor
-from model.spec import PreprocessSpec
 
 
 def timed(fn, n_images: int, seconds: float = 2.0) -> float:
@@ -83,16 +82,7 @@ def main() -> None:
                 results.append((rate, mode, name, batch))
                 print(f"{mode:10s} {name:4s} batch={batch:<5d} {rate:12.0f} images/s", flush=True)
 
-    ckpt = Checkpoint(
-        architecture="lg_mobilenet_v2",
-        arch_kwargs={"num_classes": 2},
-        class_names=["normal", "abnormal"],
-        positive_class="abnormal",
-        threshold=0.5,
-        preprocessing=PreprocessSpec(),
-        version="bench",
-        state_dict=LGMobileNetV2().state_dict(),
-    )
+    ckpt = untrained_checkpoint(version="bench", name="bench")
     pred = Predictor(ckpt, device="cuda")
     for batch in (512, 2048):
         host = torch.randn(batch, 3, 150, 150).pin_memory()

@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import tarfile
 import zipfile
 from pathlib import Path
 
 import sqlalchemy as sa
-import torch
+from support import PG_ADMIN_URL as PG_ADMIN_URL
+from support import make_model as make_model
 
-from model.checkpoint import Checkpoint
-from model.network import LGMobileNetV2
-from model.spec import PreprocessSpec
 from tasks import synth
 
-PG_ADMIN_URL = os.environ.get(
-    "CXR_SCREEN_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
 HMAC_KEY = "fan-out-test-key-0123456789abcdef"
 
 # Rows compared between a fan-out and a single-process run: the run-specific columns (run ids,
@@ -46,22 +40,6 @@ COMPARED = {
     "studies": ("study_instance_uid", "accession_number, study_date, patient_id_hash"),
 }
 SCORE_TOLERANCE = 1e-5
-
-
-def make_model(path: Path, version: str = "fanout-1", seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    Checkpoint(
-        architecture="lg_mobilenet_v2",
-        arch_kwargs={"num_classes": 2},
-        class_names=["normal", "abnormal"],
-        positive_class="abnormal",
-        threshold=0.5,
-        preprocessing=PreprocessSpec(),
-        version=version,
-        state_dict=LGMobileNetV2().state_dict(),
-        name="fanout-test",
-    ).save(path)
-    return path
 
 
 def write_sources(root: Path, n_studies: int, *, seed: int = 11) -> dict:

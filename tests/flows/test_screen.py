@@ -5,15 +5,11 @@ from __future__ import annotations
 import shutil
 import tarfile
 import zipfile
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-import torch
+from support import make_model
 
-from model.checkpoint import Checkpoint
-from model.network import LGMobileNetV2
-from model.spec import PreprocessSpec
 from tasks import synth
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -25,23 +21,6 @@ TABLES = {
     "study_predictions": "study_instance_uid, model_id",
     "studies": "study_instance_uid",
 }
-
-
-def make_model(path: Path, version: str, seed: int) -> Path:
-    torch.manual_seed(seed)
-    net = LGMobileNetV2()
-    Checkpoint(
-        architecture="lg_mobilenet_v2",
-        arch_kwargs={"num_classes": 2},
-        class_names=["normal", "abnormal"],
-        positive_class="abnormal",
-        threshold=0.5,
-        preprocessing=PreprocessSpec(),
-        version=version,
-        state_dict=net.state_dict(),
-        name="e2e",
-    ).save(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +62,8 @@ def corpus(tmp_path_factory) -> dict:
         "n_arch": 4 + 1,  # four images and the refused member
         "broken": broken,
         "unselected": unselected,
-        "model_a": make_model(models / "a.pt", "a-1", 0),
-        "model_b": make_model(models / "b.pt", "b-1", 1),
+        "model_a": make_model(models / "a.pt", "a-1", 0, name="e2e"),
+        "model_b": make_model(models / "b.pt", "b-1", 1, name="e2e"),
     }
 
 

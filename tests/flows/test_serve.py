@@ -22,12 +22,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-import torch
 import yaml
+from support import make_model
 
-from model.checkpoint import Checkpoint
-from model.network import LGMobileNetV2
-from model.spec import PreprocessSpec
 from tasks.synth import write_study
 
 REPO = Path(__file__).resolve().parents[2]
@@ -161,19 +158,7 @@ def serve_inputs(tmp_path) -> dict:
     drop = tmp_path / "drop"
     for study in range(2):
         write_study(drop, seed=5, study=study, positive=bool(study), size_range=(200, 260))
-    torch.manual_seed(0)
-    checkpoint = Checkpoint(
-        architecture="lg_mobilenet_v2",
-        arch_kwargs={"num_classes": 2},
-        class_names=["normal", "abnormal"],
-        positive_class="abnormal",
-        threshold=0.5,
-        preprocessing=PreprocessSpec(),
-        version="serve-test-1",
-        state_dict=LGMobileNetV2().state_dict(),
-    )
-    model = tmp_path / "model.pt"
-    checkpoint.save(model)
+    model = make_model(tmp_path / "model.pt", "serve-test-1")
     return {"drop": drop, "model": model, "db": tmp_path / "results.db", "tmp": tmp_path}
 
 

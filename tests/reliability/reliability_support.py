@@ -21,11 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
-import torch
+from support import make_model as make_model
 
-from model.checkpoint import Checkpoint
-from model.network import LGMobileNetV2
-from model.spec import PreprocessSpec
 from tasks import synth
 
 HMAC_KEY = "reliability-hmac-7f3c9e41d2b8a6057e1c"  # planted: must never appear in any output
@@ -40,22 +37,6 @@ def cli_path() -> str:
     if found is None:
         raise FileNotFoundError("the cxr-screen console script is not installed")
     return found
-
-
-def make_model(path: Path, version: str = "rel-1", seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    Checkpoint(
-        architecture="lg_mobilenet_v2",
-        arch_kwargs={"num_classes": 2},
-        class_names=["normal", "abnormal"],
-        positive_class="abnormal",
-        threshold=0.5,
-        preprocessing=PreprocessSpec(),
-        version=version,
-        state_dict=LGMobileNetV2().state_dict(),
-        name="reliability",
-    ).save(path)
-    return path
 
 
 def cli_env(home: Path, api_url: str, **extra: str) -> dict[str, str]:
