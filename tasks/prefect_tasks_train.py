@@ -5,8 +5,7 @@ Only the database steps are retried, and only for transient connection errors.
 
 from __future__ import annotations
 
-import datetime as dt
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from prefect import task
@@ -77,29 +76,11 @@ def save_checkpoint(checkpoint: Checkpoint, out: str) -> str:
 
 
 @task(name="record-training", cache_policy=NO_CACHE, **_DB_RETRIES)
-def record_training(
-    database_url: str,
-    checkpoint: Checkpoint,
-    *,
-    counts: Mapping[str, int],
-    started_at: dt.datetime,
-    parameters: Mapping[str, Any],
-    selection_policy: Mapping[str, Any],
-    source: str,
-    prefect_flow_run_id: str | None = None,
-) -> tuple[int, int]:
-    return training_run.record_training(
-        database_url,
-        checkpoint,
-        counts=counts,
-        started_at=started_at,
-        parameters=parameters,
-        selection_policy=selection_policy,
-        source=source,
-        prefect_flow_run_id=prefect_flow_run_id,
-    )
+def record_training(database_url: str, checkpoint: Checkpoint, **run: Any) -> tuple[int, int]:
+    """``training_run.record_training``: ``run`` holds its keyword arguments."""
+    return training_run.record_training(database_url, checkpoint, **run)
 
 
 @task(name="record-failed-training", cache_policy=NO_CACHE, **_DB_RETRIES)
-def record_failed_training(database_url: str, **kwargs: Any) -> int:
-    return training_run.record_failed_training(database_url, **kwargs)
+def record_failed_training(database_url: str, **run: Any) -> int:
+    return training_run.record_failed_training(database_url, **run)

@@ -161,29 +161,39 @@ def check_database(database_url: str, name: str, version: str | None) -> None:
 
 def record_training(
     database_url: str,
-    checkpoint: Checkpoint,
+    checkpoint: Checkpoint | None,
     *,
-    counts: Mapping[str, int],
+    counts: Mapping[str, int] | None,
     started_at: dt.datetime,
     parameters: Mapping[str, Any],
     selection_policy: Mapping[str, Any],
     source: str,
     prefect_flow_run_id: str | None = None,
-) -> tuple[int, int]:
-    """Register the saved checkpoint as a model version and record a completed ``train`` run.
+    error: str | None = None,
+) -> tuple[int | None, int]:
+    """Record a ``train`` run, in one transaction; returns ``(model_id, run_id)``.
 
-    Returns ``(model_id, run_id)``. The run row is written once training has produced the model
-    (with the run's real start time), so that it names the model version it made.
+    With a checkpoint, the training succeeded: the saved checkpoint is registered as a model
+    version and the run is recorded as completed, naming it. The run row is written once
+    training has produced the model (with the run's real start time) for that reason.
+    Without one, the run is recorded as failed with ``error`` (truncated to 2000 characters)
+    and no model version (``model_id`` is None); ``counts`` may then be None (nothing seen).
     """
     from sql.db import connect, session_factory
 
-    if not checkpoint.sha256:
+    if checkpoint is not None and not checkpoint.sha256:
         raise ValueError("the checkpoint must be saved (it has no sha256 yet) before registering")
+    if (checkpoint is None) == (error is None):
+        raise ValueError("give either a checkpoint (a completed run) or an error (a failed one)")
+    zero = {"files_seen": 0, "predicted": 0, "skipped": 0, "failed": 0}
     engine = connect(database_url)
     try:
-        sessions = session_factory(engine)
-        with sessions.begin() as session:
-            model_id = writes.register_model(session, checkpoint.metadata(), checkpoint.sha256)
+        with session_factory(engine).begin() as session:
+            model_id = (
+                None
+                if checkpoint is None
+                else writes.register_model(session, checkpoint.metadata(), checkpoint.sha256)
+            )
             run_id = writes.start_run(
                 session,
                 kind="train",
@@ -194,43 +204,20 @@ def record_training(
                 prefect_flow_run_id=prefect_flow_run_id,
                 started_at=started_at,
             )
-            writes.finish_run(session, run_id, "completed", dict(counts))
+            if error is None:
+                writes.finish_run(session, run_id, "completed", dict(counts or zero))
+            else:
+                writes.finish_run(session, run_id, "failed", dict(counts or zero), error[:2000])
         return model_id, run_id
     finally:
         engine.dispose()
 
 
-def record_failed_training(
-    database_url: str,
-    *,
-    error: str,
-    counts: Mapping[str, int] | None,
-    started_at: dt.datetime,
-    parameters: Mapping[str, Any],
-    selection_policy: Mapping[str, Any],
-    source: str,
-    prefect_flow_run_id: str | None = None,
-) -> int:
-    """Record a ``train`` run that failed (no model version), with its error; returns run_id."""
-    from sql.db import connect, session_factory
+def record_failed_training(database_url: str, *, error: str, **run: Any) -> int:
+    """Record a ``train`` run that failed (no model version), with its error; returns run_id.
 
-    zero = {"files_seen": 0, "predicted": 0, "skipped": 0, "failed": 0}
-    engine = connect(database_url)
-    try:
-        with session_factory(engine).begin() as session:
-            run_id = writes.start_run(
-                session,
-                kind="train",
-                source=source,
-                parameters=dict(parameters),
-                selection_policy=dict(selection_policy),
-                prefect_flow_run_id=prefect_flow_run_id,
-                started_at=started_at,
-            )
-            writes.finish_run(session, run_id, "failed", dict(counts or zero), error[:2000])
-        return run_id
-    finally:
-        engine.dispose()
+    ``run``: the keyword arguments of ``record_training`` but the checkpoint."""
+    return record_training(database_url, None, error=error, **run)[1]
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
