@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from flows.common import PrefectPrestart, fatal_reason, quiet_console
+from flows.common import fatal_reason, quiet_console
 from flows.demo import demo_command, train_command
 from flows.fanout_cli import cli as fanout_cli
 from flows.serve import serve_command
@@ -133,13 +134,17 @@ def screen(
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
     full_decode: Annotated[bool, typer.Option(help="Never decode at reduced resolution")] = False,
     kind: Annotated[str, typer.Option(help="Run kind recorded with the run")] = "reprocess",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the run summary as one JSON object")
+    ] = False,
 ) -> None:
     """Screen DICOM sources with a model version and write the results to the database."""
+    _database_via_environment(db)
+    server = _start_server()
     quiet_console()
-    prestart = PrefectPrestart()
     from flows.screen import screen as screen_flow
 
-    prestart.join()
+    _wait_server(server)
 
     summary = _run_with_progress(
         screen_flow,
@@ -151,10 +156,9 @@ def screen(
         batch_size=batch_size,
         device=device,
         reduced=not full_decode,
-        database_url=db,
         kind=kind,
     )
-    print_summary(summary)
+    print_summary(summary, as_json)
 
 
 @app.command()
@@ -165,22 +169,67 @@ def nightly(
     model: Annotated[Path | None, typer.Option(help="Default: $CXR_SCREEN_MODEL_PATH")] = None,
     db: Annotated[str | None, typer.Option("--db", help="Database URL (default: settings)")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the run summary as one JSON object")
+    ] = False,
 ) -> None:
     """Run the nightly job once now: files that arrived since the last successful night."""
+    _database_via_environment(db)
+    server = _start_server()
     quiet_console()
-    prestart = PrefectPrestart()
     from flows.screen import nightly as nightly_flow
 
-    prestart.join()
+    _wait_server(server)
 
     summary = _run_with_progress(
         nightly_flow,
         drop_folder=str(drop_folder) if drop_folder else None,
         model=str(model) if model else None,
-        database_url=db,
         device=device,
     )
-    print_summary(summary)
+    print_summary(summary, as_json)
+
+
+def _start_server():
+    """Prefect's temporary server, booting while this process imports (see flows.local_server)."""
+    from flows.local_server import start_local_server
+
+    try:
+        return start_local_server()
+    except OSError as exc:
+        fail(f"could not start Prefect's temporary server: {exc}")
+
+
+def _wait_server(server) -> None:
+    if server is None:
+        return
+    from flows.local_server import LocalServerError
+
+    try:
+        server.wait_ready()
+    except LocalServerError as exc:
+        fail(str(exc))
+
+
+def _database_via_environment(db: str | None) -> None:
+    """Hand ``--db`` to the flow through the settings, never as a flow parameter.
+
+    Prefect stores flow parameters in its database and shows them in its UI; a URL with a
+    password must not end up there. The flow reads ``CXR_SCREEN_DATABASE_URL`` when its
+    ``database_url`` parameter is None.
+    """
+    if db:
+        os.environ["CXR_SCREEN_DATABASE_URL"] = db
+
+
+def _peak_memory() -> dict:
+    """Peak RSS of this process (inference, shards in flight, database writes), MB.
+
+    The decode workers are not included: they hold one chunk of one shard each.
+    """
+    import resource
+
+    return {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
 def _run_with_progress(flow_fn, **params):
@@ -213,14 +262,18 @@ def _run_with_progress(flow_fn, **params):
     progress.add_listener(listener)
     try:
         with bar:
-            return flow_fn(**params)
+            summary = flow_fn(**params)
+        return {**summary, **_peak_memory()}
     except Exception as exc:
         fail(fatal_reason(exc))
     finally:
         progress.remove_listener(listener)
 
 
-def print_summary(summary: dict) -> None:
+def print_summary(summary: dict, as_json: bool = False) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(summary, sort_keys=True, default=str) + "\n")
+        return
     table = Table(title=f"Run {summary['run_id']} — {summary['model']}", show_lines=False)
     for col in ("files_seen", "predicted", "skipped", "failed", "seconds", "images_per_second"):
         table.add_column(col.replace("_", " "), justify="right")

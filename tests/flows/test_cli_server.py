@@ -1,0 +1,164 @@
+"""The CLI's own temporary Prefect server (flows.local_server): used when no Prefect API is
+configured, gone with the command even when the command is SIGKILLed, and never told a
+database password."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from support import make_model
+
+from flows import local_server
+from tasks import synth
+
+CLI = str(Path(sys.executable).parent / "cxr-screen")
+
+
+def cli_env(home: Path) -> dict[str, str]:
+    """A clean environment with no Prefect API: the command starts its own server."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "LANG": "C.UTF-8",
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        "CXR_SCREEN_HOME": str(home / "cxr"),
+        "CXR_SCREEN_HMAC_KEY": "cli-server-test-key",
+    }
+
+
+def children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the live processes whose parent is ``pid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) != pid or fields[0] == "Z":
+                continue
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        found.append((int(stat.parent.name), cmdline))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.timeout(600)
+def test_db_password_never_reaches_prefect(tmp_path, pg_url):
+    """``--db`` travels through the settings, not as a flow parameter Prefect would store."""
+    corpus = tmp_path / "corpus"
+    synth.write_corpus(corpus, 2, seed=5, size_range=(128, 160), lateral_fraction=0.0)
+    (corpus / "labels.csv").unlink()
+    model = make_model(tmp_path / "model.pt")
+    secret = "pw-9d41c7-never-stored"  # trust auth: PostgreSQL ignores it, Prefect must too
+    url = pg_url.replace("postgres@", f"postgres:{secret}@", 1)
+    assert secret in url
+    home = tmp_path / "home"
+    proc = subprocess.run(
+        [CLI, "screen", str(corpus), "--model", str(model), "--db", url, "--json"],
+        env=cli_env(home),
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["predicted"] > 0
+    assert secret not in proc.stdout + proc.stderr
+
+    # Prefect's database recorded the flow run and its parameters, without the URL.
+    prefect_db = home / "prefect" / "prefect.db"
+    con = sqlite3.connect(prefect_db)
+    params = [json.loads(p) for (p,) in con.execute("SELECT parameters FROM flow_run")]
+    con.close()
+    assert any(p.get("sources") == [str(corpus)] for p in params), params
+    assert all(not p.get("database_url") for p in params)
+    for path in (home / "prefect").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+    # Nor does cxr-screen's own run record hold it.
+    engine = sa.create_engine(pg_url)
+    with engine.connect() as conn:
+        stored = conn.execute(sa.text("SELECT source, parameters FROM runs")).all()
+    engine.dispose()
+    assert stored and all(secret not in str(row) for row in stored)
+
+
+@pytest.mark.timeout(300)
+def test_killed_cli_takes_its_server_with_it(tmp_path):
+    """SIGKILL the command while it boots: its temporary server must not outlive it."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    model = make_model(tmp_path / "model.pt")
+    cli = subprocess.Popen(
+        [CLI, "screen", str(empty), "--model", str(model), "--db", f"sqlite:///{tmp_path}/r.db"],
+        env=cli_env(tmp_path / "home"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    server = None
+    while server is None and time.monotonic() < deadline and cli.poll() is None:
+        server = next((pid for pid, cmd in children(cli.pid) if "uvicorn" in cmd), None)
+        time.sleep(0.05)
+    assert server is not None, "the command started no Prefect server of its own"
+    time.sleep(1.0)  # the server is booting; the command is importing
+    cli.send_signal(signal.SIGKILL)
+    cli.wait()
+    deadline = time.monotonic() + 30
+    while alive(server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    still = alive(server)
+    if still:
+        os.kill(server, signal.SIGKILL)
+    assert not still, "the temporary Prefect server outlived the killed command"
+
+
+def test_configured_api_means_no_temporary_server(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    monkeypatch.delenv("PREFECT_PROFILE", raising=False)
+    monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_ENABLED", raising=False)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    assert local_server.start_local_server() is None
+
+    monkeypatch.delenv("PREFECT_API_URL")
+    (tmp_path / "profiles.toml").write_text(
+        'active = "site"\n\n[profiles.site]\nPREFECT_API_URL = "http://prefect.example:4200/api"\n'
+    )
+    assert local_server._configured_api_url() == "http://prefect.example:4200/api"
+    assert local_server.start_local_server() is None
+
+
+def test_temporary_server_answers_and_stops(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("PREFECT_PROFILE", raising=False)
+    server = local_server.start_local_server()
+    assert server is not None
+    try:
+        assert os.environ["PREFECT_API_URL"] == server.api_url
+        server.wait_ready()
+        assert server.process.poll() is None
+    finally:
+        server.stop()
+    assert server.process.poll() is not None
+    assert "PREFECT_API_URL" not in os.environ
