@@ -49,7 +49,7 @@ from flows.fanout_cli import (
 )
 from flows.progress import report
 from flows.screen import ScreenError
-from flows.settings import Settings
+from flows.settings import Settings, get_settings
 from sql import manifests as store
 
 SHARD_FLOW = "screen-shard"
@@ -62,31 +62,10 @@ class FanoutError(ScreenError):
     """A fan-out job cannot start or did not finish (the message says which shard and why)."""
 
 
-class FanoutSettings(Settings):
-    """The settings of ``flows.settings.Settings`` plus the fan-out's own (same env prefix).
-
-    spool_dir: where compressed-tar members are written out for the workers (a folder every
-        worker mounts at the same path); unset: a .tar.gz source is refused with the reason.
-    device_slot: this worker's device, named uniquely across the deployment (e.g.
-        ``gpu-host-1/gpu0``): shards take its Prefect concurrency slot (limit 1), so two shards
-        never share that device even when two workers are pointed at it by mistake. Unset:
-        ``<hostname>/cuda:<CUDA_VISIBLE_DEVICES>`` on a GPU, no slot on CPU.
-    manifest_size: files per shard manifest (one sub-flow run each).
-    """
-
-    spool_dir: Path | None = None
-    device_slot: str | None = None
-    manifest_size: int = 4096
-
-
-def fanout_settings(**overrides: Any) -> FanoutSettings:
-    return FanoutSettings(**{k: v for k, v in overrides.items() if v is not None})
-
-
 # --- the device slot ---------------------------------------------------------------------------
 
 
-def device_slot(settings: FanoutSettings) -> str | None:
+def device_slot(settings: Settings) -> str | None:
     """The concurrency limit this worker's shards hold, or None (CPU without a named slot)."""
     if settings.device_slot:
         return DEVICE_LIMIT_PREFIX + settings.device_slot
@@ -133,7 +112,7 @@ def holding_device(name: str | None):
         yield
 
 
-def worker_label(settings: FanoutSettings) -> str:
+def worker_label(settings: Settings) -> str:
     """Who screened a manifest: host and device slot (or the worker's process id)."""
     return f"{socket.gethostname()}/{settings.device_slot or f'worker-pid-{os.getppid()}'}"
 
@@ -142,7 +121,7 @@ def worker_label(settings: FanoutSettings) -> str:
 
 
 @task(name="screen-manifest", cache_policy=NO_CACHE)
-def screen_manifest_task(sessions, manifest_id: int, checkpoint, settings: FanoutSettings):
+def screen_manifest_task(sessions, manifest_id: int, checkpoint, settings: Settings):
     from tasks.manifests import screen_manifest
     from tasks.screening import ShardProcessor
 
@@ -201,7 +180,7 @@ def screen_shard(
     # pydicom logs each decoder failure at ERROR with a traceback; the reason is stored with the
     # file (file_outcomes.reason), so this run's log keeps to the shard's progress.
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
-    settings = fanout_settings(
+    settings = get_settings(
         database_url=database_url, device=device, workers=workers, batch_size=batch_size
     )
     if not Path(model).is_file():
@@ -337,7 +316,7 @@ def screen_fanout(
     from tasks.selection import SelectionPolicy
 
     logger = get_run_logger()
-    settings = fanout_settings(database_url=database_url, shard_size=shard_size)
+    settings = get_settings(database_url=database_url, shard_size=shard_size)
     model_path = model or (str(settings.model_path) if settings.model_path else None)
     if not model_path:
         raise FanoutError("no model given: pass model or set CXR_SCREEN_MODEL_PATH")

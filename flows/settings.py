@@ -39,6 +39,23 @@ class Settings(BaseSettings):
     shard_size: int = 256
     workers: int | None = None
     batch_size: int | None = None
+    # Fan-out reprocessing (flows/fanout.py, docker/README.md).
+    spool_dir: Path | None = Field(
+        default=None,
+        description="Where compressed-tar members are written out once for the fan-out's "
+        "workers (a folder every worker mounts at the same path); unset: a .tar.gz source is "
+        "refused with the reason",
+    )
+    device_slot: str | None = Field(
+        default=None,
+        description="This worker's device, named uniquely across the deployment (e.g. "
+        "gpu-host-1/gpu0): shards take its Prefect concurrency slot (limit 1), so two shards "
+        "never share that device even when two workers are pointed at it by mistake. Unset: "
+        "<hostname>/cuda:<CUDA_VISIBLE_DEVICES> on a GPU, no slot on CPU",
+    )
+    manifest_size: int = Field(
+        default=4096, description="Files per fan-out shard manifest (one sub-flow run each)"
+    )
 
     @property
     def thumbnails_dir(self) -> Path:
