@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -41,6 +41,23 @@ from flows.common import fatal_reason, quiet_console
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def exit_on_error(
+    *kinds: type[Exception],
+    reason: Callable[[Exception], str] = fatal_reason,
+    stderr: Console = err_console,
+) -> Iterator[None]:
+    """For a command's body: an error of ``kinds`` (default: any ``Exception``) becomes one
+    ``error: <reason>`` line on stderr and exit status 2, without a traceback."""
+    caught = kinds or (Exception,)
+    try:
+        yield
+    except caught as exc:
+        stderr.print(f"[bold red]error:[/] {reason(exc)}", highlight=False)
+        raise typer.Exit(2) from None
+
 
 DEMO_NAME = "demo"
 DEMO_NOTES = (
@@ -261,30 +278,26 @@ def train_command(
     quiet_console()
     from flows.train import train
 
-    try:
-        with PipelineProgress():
-            summary = train(
-                str(data),
-                str(out),
-                epochs=epochs,
-                batch_size=batch_size,
-                lr=lr,
-                architecture=architecture,
-                input_size=input_size,
-                version=version,
-                name=name,
-                notes=notes,
-                database_url=db,
-                seed=seed,
-                target_sensitivity=target_sensitivity,
-                val_fraction=val_fraction,
-                device=device,
-                workers=workers,
-                positive_class=positive_class,
-            )
-    except Exception as exc:
-        err_console.print(f"[bold red]error:[/] {fatal_reason(exc)}", highlight=False)
-        raise typer.Exit(2) from None
+    with exit_on_error(), PipelineProgress():
+        summary = train(
+            str(data),
+            str(out),
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            architecture=architecture,
+            input_size=input_size,
+            version=version,
+            name=name,
+            notes=notes,
+            database_url=db,
+            seed=seed,
+            target_sensitivity=target_sensitivity,
+            val_fraction=val_fraction,
+            device=device,
+            workers=workers,
+            positive_class=positive_class,
+        )
     console.print(training_table(summary))
 
 
@@ -603,10 +616,6 @@ def demo_command(
 ) -> None:
     """Generate synthetic studies, train a demo model, screen them, print the review queue."""
     quiet_console()
-    try:
-        with PipelineProgress():
-            result = run_demo(dir)
-    except Exception as exc:
-        err_console.print(f"[bold red]error:[/] {fatal_reason(exc)}", highlight=False)
-        raise typer.Exit(2) from None
+    with exit_on_error(), PipelineProgress():
+        result = run_demo(dir)
     print_demo(result, console)

@@ -485,7 +485,9 @@ def serve_command(
     limit: Annotated[int, typer.Option("--limit", help="Flow runs executing at once")] = 2,
 ) -> None:
     """Run the nightly schedule (and on-demand reprocess/train) with a local Prefect server."""
-    try:
+    from flows.demo import exit_on_error
+
+    with exit_on_error(ServeError, reason=str, stderr=err_console):
         serve(
             cron=cron,
             timezone=timezone,
@@ -496,9 +498,6 @@ def serve_command(
             port=port,
             limit=limit,
         )
-    except ServeError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":
