@@ -191,15 +191,15 @@ def test_untrained_checkpoint_is_reproducible_and_leaves_the_global_rng_alone(tm
     assert torch.equal(
         LGMobileNetV2().state_dict()["classifier.weight"], a.state_dict["classifier.weight"]
     )
-    # head_std re-draws only the classifier's weights, so scores depend on the pixels.
+    # head_std re-draws only the classifier's weights (uncalibrated batch norm still leaves
+    # every score at ~0.5: head_std alone does not make scores depend on the pixels).
     wide = untrained_checkpoint(version="u-1", seed=7, head_std=2.0)
     assert 1.0 < float(wide.state_dict["classifier.weight"].std()) < 3.0
-    assert torch.equal(wide.state_dict["stem.conv.weight"], a.state_dict["stem.conv.weight"])
-    x = torch.randn(8, 3, 150, 150)
-    with torch.no_grad():
-        flat = torch.softmax(a.build()(x), 1)[:, 1]
-        spread = torch.softmax(wide.build()(x), 1)[:, 1]
-    assert float(flat.max() - flat.min()) < float(spread.max() - spread.min())
+    assert all(
+        torch.equal(wide.state_dict[k], a.state_dict[k])
+        for k in a.state_dict
+        if k != "classifier.weight"
+    )
     # It saves and loads like any checkpoint; other architectures work too.
     sha = wide.save(tmp_path / "u.pt")
     assert load_checkpoint(tmp_path / "u.pt").sha256 == sha
