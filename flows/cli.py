@@ -139,15 +139,10 @@ def screen(
     ] = False,
 ) -> None:
     """Screen DICOM sources with a model version and write the results to the database."""
-    _database_via_environment(db)
-    server = _start_server()
-    quiet_console()
-    from flows.screen import screen as screen_flow
-
-    _wait_server(server)
-
-    summary = _run_with_progress(
-        screen_flow,
+    _run_screening(
+        "screen",
+        db,
+        as_json,
         sources=[str(s) for s in sources],
         model=str(model) if model else None,
         force=force,
@@ -158,7 +153,6 @@ def screen(
         reduced=not full_decode,
         kind=kind,
     )
-    print_summary(summary, as_json)
 
 
 @app.command()
@@ -174,19 +168,29 @@ def nightly(
     ] = False,
 ) -> None:
     """Run the nightly job once now: files that arrived since the last successful night."""
-    _database_via_environment(db)
-    server = _start_server()
-    quiet_console()
-    from flows.screen import nightly as nightly_flow
-
-    _wait_server(server)
-
-    summary = _run_with_progress(
-        nightly_flow,
+    _run_screening(
+        "nightly",
+        db,
+        as_json,
         drop_folder=str(drop_folder) if drop_folder else None,
         model=str(model) if model else None,
         device=device,
     )
+
+
+def _run_screening(flow_name: str, db: str | None, as_json: bool, **params) -> None:
+    """Run the ``screen`` or ``nightly`` flow here, with progress, then print its summary.
+
+    Prefect's temporary server (when no API is configured) boots in its own process while
+    this one imports torch and the flow.
+    """
+    _database_via_environment(db)
+    server = _start_server()
+    quiet_console()
+    from flows import screen as flows_screen
+
+    _wait_server(server)
+    summary = _run_with_progress(getattr(flows_screen, flow_name), **params)
     print_summary(summary, as_json)
 
 
