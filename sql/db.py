@@ -17,6 +17,8 @@ SQLite gets WAL, foreign keys, a busy timeout and transactions that start with
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -24,7 +26,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -119,6 +121,36 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+@contextlib.contextmanager
+def migration_transaction(engine: Engine) -> Iterator[Connection]:
+    """One transaction for a migration, on a connection Alembic may rebuild tables on.
+
+    SQLite: rebuilding a table that other tables reference (batch mode: copy, drop, rename)
+    fails while foreign keys are enforced, and enforcement can only be switched off outside a
+    transaction. So it is off on this connection for the migration; ``PRAGMA
+    foreign_key_check`` must then find nothing before the commit, and enforcement is switched
+    back on before the connection returns to the pool. PostgreSQL: unchanged.
+    """
+    with engine.connect() as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        if sqlite:
+            conn.connection.dbapi_connection.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with conn.begin():
+                yield conn
+                if sqlite:
+                    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+                    if broken:
+                        raise RuntimeError(
+                            f"the migration left {len(broken)} row(s) breaking a foreign key "
+                            f"(first: table {broken[0][0]}, rowid {broken[0][1]}, references "
+                            f"{broken[0][2]}); nothing was changed"
+                        )
+        finally:
+            if sqlite:
+                conn.connection.dbapi_connection.execute("PRAGMA foreign_keys=ON")
+
+
 def upgrade(url_or_engine: str | Engine, revision: str = "head") -> None:
     """Run the migrations up to ``revision`` in one transaction (both databases).
 
@@ -126,7 +158,7 @@ def upgrade(url_or_engine: str | Engine, revision: str = "head") -> None:
     """
     engine = get_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
     try:
-        with engine.begin() as conn:
+        with migration_transaction(engine) as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_MIGRATION_LOCK_KEY)))
             cfg = alembic_config()

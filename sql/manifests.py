@@ -9,6 +9,10 @@ Every function takes a ``Session`` whose transaction the caller owns. The lifecy
     job_manifests(...)         # parent: status of every manifest (files not loaded)
     compact_job(...)           # parent: drop the file lists once the job is complete
 
+Planning, claiming and the chunks' ``write_shard`` write the job run's heartbeat
+(``sql.writes.heartbeat``), so a job whose workers make progress is not taken for an abandoned
+run (and one that was, beats it back to ``running``).
+
 ``record_progress`` refuses (``ManifestLost``) when another claim took the manifest over or the
 progress moved on: the caller's transaction then rolls back with the chunk's results, so a
 worker that lost its manifest (a "zombie" after its replacement started) never double-counts.
@@ -27,6 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from sql import writes
 from sql.schema import Run, ShardManifest
 
 OUTCOME_KEYS = ("predicted", "skipped", "failed")
@@ -125,6 +130,8 @@ def add_manifest(
     table = _table()
     digest = files_digest(files)
     now = _now()
+    # The run's row before the manifest's, as in a chunk's transaction (no deadlock).
+    writes.heartbeat(session, run_id, now=now)
     session.execute(
         _insert(session, table)
         .values(
@@ -191,6 +198,12 @@ def claim_manifest(
     ``attempts`` is this claim's token for ``record_progress`` and ``fail_manifest``.
     """
     table = _table()
+    run_id = session.execute(
+        sa.select(table.c.run_id).where(table.c.manifest_id == manifest_id)
+    ).scalar_one_or_none()
+    if run_id is not None:
+        # The run's row before the manifest's, as in a chunk's transaction (no deadlock).
+        writes.heartbeat(session, run_id)
     session.execute(
         sa.update(table)
         .where(table.c.manifest_id == manifest_id, table.c.status != "done")
@@ -329,7 +342,8 @@ def delete_job(session: Session, job_key: str) -> int:
 
 
 def reopen_run(session: Session, run_id: int) -> str:
-    """Set a resumed job's run back to ``running`` (a failed parent closed it as failed).
+    """Set a resumed job's run back to ``running`` (a failed parent closed it as failed, or a
+    later run marked it abandoned), with a fresh heartbeat.
 
     Returns the status it had; a ``completed`` run is left alone (the job is finished).
     """
@@ -344,6 +358,6 @@ def reopen_run(session: Session, run_id: int) -> str:
     session.execute(
         sa.update(runs)
         .where(runs.c.run_id == run_id)
-        .values(status="running", finished_at=None, error=None)
+        .values(status="running", finished_at=None, error=None, heartbeat_at=_now())
     )
     return status

@@ -26,7 +26,7 @@ NAMING_CONVENTION = {
 }
 
 RUN_KINDS = ("nightly", "reprocess", "train", "demo")
-RUN_STATUSES = ("running", "completed", "failed")
+RUN_STATUSES = ("running", "completed", "failed", "abandoned")
 OUTCOMES = ("predicted", "skipped", "failed")
 DECISIONS = ("agree", "disagree", "uncertain")
 AGGREGATIONS = ("max", "mean")
@@ -115,7 +115,13 @@ class Model(Base):
 
 
 class Run(Base):
-    """One pipeline run (nightly, reprocess, train, demo) and its outcome counts."""
+    """One pipeline run (nightly, reprocess, train, demo) and its outcome counts.
+
+    ``heartbeat_at`` is the run's last sign of life: set when it starts and refreshed by every
+    shard it commits (in the shard's transaction). A ``running`` run whose heartbeat is older
+    than ``sql.writes.STALE_RUN_AFTER`` when another run starts is marked ``abandoned`` (its
+    process was killed); a later heartbeat from it sets it back to ``running``.
+    """
 
     __tablename__ = "runs"
     __table_args__ = (
@@ -143,6 +149,7 @@ class Run(Base):
     finished_at: Mapped[dt.datetime | None]
     prefect_flow_run_id: Mapped[str | None]
     error: Mapped[str | None]
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(server_default=sa.func.now())
 
 
 class Study(Base):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import logging
 import math
 import operator
 import re
@@ -53,7 +54,18 @@ from sql.schema import (
     Watermark,
 )
 
+logger = logging.getLogger(__name__)
+
 COPY_THRESHOLD = 2000  # rows; PostgreSQL batches at least this big use COPY + staging table
+#: A ``running`` run whose heartbeat (``runs.heartbeat_at``: its start, then every committed
+#: shard) is older than this when another run starts is marked ``abandoned``. A shard commits
+#: within minutes (an outage is retried for about 45 s), so six hours of silence means the
+#: process is gone (SIGKILL, OOM killer, a lost host). ``start_run(stale_after=...)`` overrides
+#: it; None turns the check off.
+STALE_RUN_AFTER = dt.timedelta(hours=6)
+#: A heartbeat is written at most this often per run: fan-out workers of one run commit
+#: concurrently, and each heartbeat locks the run's row until its transaction commits.
+HEARTBEAT_MIN_INTERVAL = dt.timedelta(seconds=30)
 # Values per IN (...) list on SQLite (bound variables are limited to 32766 since 3.32).
 _IN_CHUNK = 5000 if sqlite3.sqlite_version_info >= (3, 32) else 900
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -445,12 +457,18 @@ def start_run(
     model_id: int | None = None,
     prefect_flow_run_id: str | None = None,
     started_at: dt.datetime | None = None,
+    stale_after: dt.timedelta | None = STALE_RUN_AFTER,
 ) -> int:
-    """Record a run as ``running`` and return its run_id."""
+    """Record a run as ``running`` (heartbeat now) and return its run_id.
+
+    In the same transaction, other runs still ``running`` whose heartbeat is older than
+    ``stale_after`` are marked ``abandoned`` (see ``abandon_stale_runs``; None: not checked).
+    """
     if kind not in RUN_KINDS:
         raise ValueError(f"run kind {kind!r} is not one of {', '.join(RUN_KINDS)}")
     runs = Run.__table__
-    return session.execute(
+    now = _now()
+    run_id = session.execute(
         sa.insert(runs)
         .values(
             kind=kind,
@@ -459,11 +477,106 @@ def start_run(
             selection_policy=dict(selection_policy or {}),
             model_id=model_id,
             status="running",
-            started_at=started_at or _now(),
+            started_at=started_at or now,
+            heartbeat_at=now,
             prefect_flow_run_id=None if prefect_flow_run_id is None else str(prefect_flow_run_id),
         )
         .returning(runs.c.run_id)
     ).scalar_one()
+    if stale_after is not None:
+        abandon_stale_runs(session, stale_after, noticed_by=run_id, now=now)
+    return run_id
+
+
+def abandon_stale_runs(
+    session: Session,
+    stale_after: dt.timedelta = STALE_RUN_AFTER,
+    *,
+    noticed_by: int | None = None,
+    now: dt.datetime | None = None,
+) -> list[int]:
+    """Mark ``abandoned`` every ``running`` run whose heartbeat is older than ``stale_after``.
+
+    Such a run's process is gone (killed before it could close the run): it gets
+    ``finished_at`` (now) and an ``error`` saying when it was last alive and which run noticed.
+    Its counts stay as they were (a run stores them when it closes); the shards it committed
+    stay, and running the same command again finishes the job. Should the run be alive after
+    all, its next heartbeat sets it back to ``running`` and it can still close itself.
+    Returns the run ids marked.
+    """
+    if stale_after <= dt.timedelta(0):
+        raise ValueError(f"stale_after must be positive, got {stale_after}")
+    runs = Run.__table__
+    now = now or _now()
+    cutoff = now - stale_after
+    stale = session.execute(
+        sa.select(runs.c.run_id, runs.c.heartbeat_at)
+        .where(runs.c.status == "running", runs.c.heartbeat_at < cutoff)
+        .order_by(runs.c.run_id)
+    ).all()
+    marked: list[int] = []
+    for run_id, heartbeat in stale:
+        if run_id == noticed_by:
+            continue
+        by = f" when run {noticed_by} started" if noticed_by is not None else ""
+        error = (
+            f"abandoned: no sign of life since {heartbeat:%Y-%m-%d %H:%M:%S} UTC (its last "
+            f"heartbeat), more than {_duration(stale_after)} before {now:%Y-%m-%d %H:%M:%S} UTC"
+            f"{by}; its process was probably killed (SIGKILL, out of memory, host lost). The "
+            "shards it committed are kept; run the same command again to finish the job"
+        )
+        # The same conditions again: a heartbeat committed meanwhile wins (row lock on
+        # PostgreSQL; SQLite transactions are serial).
+        result = session.execute(
+            sa.update(runs)
+            .where(
+                runs.c.run_id == run_id,
+                runs.c.status == "running",
+                runs.c.heartbeat_at < cutoff,
+            )
+            .values(status="abandoned", finished_at=now, error=error)
+        )
+        if result.rowcount == 1:
+            marked.append(run_id)
+            logger.warning("run %d marked abandoned: %s", run_id, error)
+    return marked
+
+
+def _duration(delta: dt.timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    if seconds % 3600 == 0:
+        hours = seconds // 3600
+        return f"{hours} hour{'s' if hours != 1 else ''}"
+    if seconds % 60 == 0:
+        return f"{seconds // 60} min"
+    return f"{seconds} s"
+
+
+def heartbeat(session: Session, run_id: int, *, now: dt.datetime | None = None) -> bool:
+    """Record a sign of life of ``run_id`` in the caller's transaction (a shard's commit).
+
+    Skipped when the heartbeat is less than ``HEARTBEAT_MIN_INTERVAL`` old (concurrent
+    writers of one run then do not queue on its row). An ``abandoned`` run that beats again
+    was not dead: it is set back to ``running`` (finished_at and error cleared). Returns
+    whether the row was written.
+    """
+    runs = Run.__table__
+    now = now or _now()
+    revived = runs.c.status == "abandoned"
+    result = session.execute(
+        sa.update(runs)
+        .where(
+            runs.c.run_id == run_id,
+            sa.or_(revived, runs.c.heartbeat_at < now - HEARTBEAT_MIN_INTERVAL),
+        )
+        .values(
+            heartbeat_at=now,
+            status=sa.case((revived, "running"), else_=runs.c.status),
+            finished_at=sa.case((revived, None), else_=runs.c.finished_at),
+            error=sa.case((revived, None), else_=runs.c.error),
+        )
+    )
+    return result.rowcount == 1
 
 
 def finish_run(
@@ -477,7 +590,8 @@ def finish_run(
 ) -> None:
     """Close a running run with its counts (files_seen, predicted, skipped, failed).
 
-    A ``completed`` run must conserve files: files_seen == predicted + skipped + failed.
+    A ``completed`` run must conserve files: files_seen == predicted + skipped + failed. A run
+    marked ``abandoned`` that turns out to be alive may close itself too.
     """
     if status not in ("completed", "failed"):
         raise ValueError(f"a run finishes as 'completed' or 'failed', not {status!r}")
@@ -505,12 +619,15 @@ def finish_run(
     ).scalar_one_or_none()
     if current is None:
         raise ValueError(f"run {run_id} does not exist")
-    if current != "running":
+    if current not in ("running", "abandoned"):
         raise ValueError(f"run {run_id} is already {current}; it cannot be finished again")
+    now = _now()
     session.execute(
         sa.update(runs)
         .where(runs.c.run_id == run_id)
-        .values(status=status, finished_at=finished_at or _now(), error=error, **values)
+        .values(
+            status=status, finished_at=finished_at or now, error=error, heartbeat_at=now, **values
+        )
     )
 
 
@@ -532,8 +649,9 @@ def write_shard(
     Runs inside the caller's transaction (one per shard). A file whose SOP Instance UID is
     already stored with a different ``content_sha256`` is recorded in ``uid_conflicts``, its
     outcome becomes ``failed`` with a reason naming both files, its prediction is dropped, and
-    the stored instance is left as it is. See INSTANCE_KEYS, OUTCOME_KEYS and PREDICTION_KEYS
-    for the dicts.
+    the stored instance is left as it is. The run's heartbeat is written last, in the same
+    transaction (see ``heartbeat``). See INSTANCE_KEYS, OUTCOME_KEYS and PREDICTION_KEYS for
+    the dicts.
     """
     now = _now()
     _require_models_runs(session, {model_id}, {run_id})
@@ -708,6 +826,8 @@ def write_shard(
             force,
         ),
     )
+    # 6. The run is alive: last, so that its row is locked only until the commit.
+    heartbeat(session, run_id, now=now)
     counts = Counter(r["outcome"] for r in final_rows)
     return ShardResult(
         outcome_counts={o: counts.get(o, 0) for o in OUTCOMES},

@@ -6,6 +6,7 @@ decode pool for a whole run). No Prefect here: ``flows/screen.py`` wraps these a
 
 from __future__ import annotations
 
+import datetime as dt
 import multiprocessing
 import os
 import time
@@ -309,8 +310,8 @@ def persist_shard(
     """Write a shard and re-aggregate its studies in ONE transaction.
 
     A crash before the commit leaves nothing of the shard; after it, the shard and its study
-    predictions are both there. A UID conflict turns a file into *failed*: the returned
-    counts are the ones to add to the run summary.
+    predictions are both there, and the run's heartbeat is fresh. A UID conflict turns a file
+    into *failed*: the returned counts are the ones to add to the run summary.
     """
     with sessions.begin() as session:
         result = writes.write_shard(
@@ -351,8 +352,14 @@ def open_run(
     parameters: dict[str, Any],
     selection_policy: dict[str, Any],
     prefect_flow_run_id: str | None = None,
+    stale_after: dt.timedelta | None = writes.STALE_RUN_AFTER,
 ) -> RunContext:
-    """Migrate the database if needed, register the model version and record the run."""
+    """Migrate the database if needed, register the model version and record the run.
+
+    Recording the run also marks ``abandoned`` the runs still ``running`` whose heartbeat is
+    older than ``stale_after`` (killed runs; None: not checked). Each committed shard
+    (``persist_shard``) is the run's heartbeat.
+    """
     from sql.db import connect, session_factory
 
     engine = connect(database_url)
@@ -368,6 +375,7 @@ def open_run(
             selection_policy=selection_policy,
             model_id=model_id,
             prefect_flow_run_id=prefect_flow_run_id,
+            stale_after=stale_after,
         )
     readers = session_factory(engine, read_only=True)
     return RunContext(engine, sessions, readers, checkpoint, model_id, run_id)

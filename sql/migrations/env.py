@@ -13,7 +13,7 @@ from logging.config import fileConfig
 
 from alembic import context
 
-from sql.db import get_engine
+from sql.db import get_engine, migration_transaction
 from sql.schema import metadata
 
 config = context.config
@@ -60,8 +60,9 @@ def run_online() -> None:
         return
     engine = get_engine(_url())
     try:
-        # One transaction for the whole upgrade, on SQLite too (sql.db emits BEGIN itself).
-        with engine.begin() as connection:
+        # One transaction for the whole upgrade, on SQLite too (sql.db emits BEGIN itself),
+        # with SQLite's foreign keys off while tables are rebuilt (checked before the commit).
+        with migration_transaction(engine) as connection:
             _configure(connection=connection)
             with context.begin_transaction():
                 context.run_migrations()

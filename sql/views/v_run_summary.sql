@@ -1,4 +1,7 @@
 -- One row per run. For a completed run files_seen = predicted + skipped + failed.
+-- status: running, completed, failed, or abandoned (a run that stopped giving signs of life:
+-- its process was killed; error says when and which run noticed). heartbeat_at: the run's
+-- last sign of life (its start, then each committed shard).
 -- Contract columns: run_id, kind, source, started_at, finished_at, status, files_seen,
 -- predicted, skipped, failed.
 CREATE VIEW v_run_summary AS
@@ -17,6 +20,7 @@ SELECT
     m.version AS model_version,
     r.model_id,
     r.prefect_flow_run_id,
-    r.error
+    r.error,
+    r.heartbeat_at
 FROM runs AS r
 LEFT JOIN models AS m ON m.model_id = r.model_id

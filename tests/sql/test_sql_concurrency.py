@@ -162,3 +162,57 @@ def test_concurrent_first_use_migrates_once(db_url):
         assert versions == [(db.head_revision(),)]
     for engine in engines:
         engine.dispose()
+
+
+def test_writers_of_one_run_beating_on_every_shard_do_not_deadlock(pg_url, monkeypatch):
+    """Fan-out: several workers commit shards of ONE run at once (overlapping studies), each
+    shard writing the run's heartbeat (throttle off: the worst case), while new runs start
+    and look for stale runs (which reads and locks run rows too)."""
+    import datetime as dt
+
+    monkeypatch.setattr(writes, "HEARTBEAT_MIN_INTERVAL", dt.timedelta(0))
+    engine = db.connect(pg_url)
+    Session = db.session_factory(engine)
+    with Session.begin() as session:
+        model_id = writes.register_model(session, model_metadata(), sha("ckpt"))
+        run_id = writes.start_run(session, kind="reprocess", model_id=model_id)
+        stale = writes.start_run(session, kind="nightly", model_id=model_id)
+        session.execute(
+            sa.text(
+                "UPDATE runs SET heartbeat_at = heartbeat_at - INTERVAL '7 hours' WHERE run_id = :r"
+            ),
+            {"r": stale},
+        )
+
+    def worker(first: int):
+        def job():
+            for lo in range(first, 600, 4 * 30):
+                with Session.begin() as session:
+                    result = writes.write_shard(
+                        session,
+                        run_id=run_id,
+                        model_id=model_id,
+                        **mixed_shard(lo, lo + 31).kwargs(),
+                    )  # one file more than the stride: neighbours share a study
+                    writes.upsert_study_predictions(
+                        session, model_id, run_id, study_uids=result.study_uids
+                    )
+
+        return job
+
+    def opener():
+        for _ in range(10):
+            with Session.begin() as session:
+                writes.start_run(session, kind="demo", model_id=model_id)
+
+    assert not run_writers([worker(0), worker(30), worker(60), worker(90), opener])
+    with engine.connect() as conn:
+        statuses = dict(conn.execute(sa.text("SELECT run_id, status FROM runs")).all())
+        deadlocks = conn.execute(
+            sa.text("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+        ).scalar_one()
+    assert statuses[run_id] == "running" and statuses[stale] == "abandoned"
+    assert deadlocks == 0
+    with Session.begin() as session:
+        assert all(v == 0 for v in writes.check_integrity(session).values())
+    engine.dispose()
