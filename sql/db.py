@@ -13,11 +13,16 @@ SQLite gets WAL, foreign keys, a busy timeout and transactions that start with
 "database is locked" half-way through). Read-only work can ask for a deferred ``BEGIN`` with
 ``connection.execution_options(sqlite_begin="DEFERRED")``. PostgreSQL uses psycopg 3,
 ``pool_pre_ping`` and sessions in UTC.
+
+A user who may not migrate (a login granted ``cxr_reviewer``) can still ``connect``: the
+migrate-on-first-use step only reads the schema version, and when that is the head revision
+(or cannot be read at all) nothing is changed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,11 +34,14 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+logger = logging.getLogger(__name__)
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 ROLES_SQL = Path(__file__).resolve().parent / "roles.sql"
 SQLITE_BUSY_TIMEOUT_S = 60.0
 # pg_advisory_xact_lock key that serialises concurrent first-use migrations ("cxr-scrn").
 _MIGRATION_LOCK_KEY = 0x6378722D7363726E
+_INSUFFICIENT_PRIVILEGE = "42501"  # PostgreSQL SQLSTATE
 
 
 def normalize_url(url: str) -> sa.URL:
@@ -121,6 +129,12 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+def is_insufficient_privilege(exc: BaseException) -> bool:
+    """True for PostgreSQL's "permission denied" / "must be owner" errors (SQLSTATE 42501)."""
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) == _INSUFFICIENT_PRIVILEGE
+
+
 @contextlib.contextmanager
 def migration_transaction(engine: Engine) -> Iterator[Connection]:
     """One transaction for a migration, on a connection Alembic may rebuild tables on.
@@ -170,8 +184,24 @@ def upgrade(url_or_engine: str | Engine, revision: str = "head") -> None:
 
 
 def ensure_schema(engine: Engine) -> None:
-    """Upgrade to head if the database is behind; refuse a database from a newer version."""
-    current = current_revision(engine)
+    """Upgrade to head if the database is behind; refuse a database from a newer version.
+
+    A user without the right to migrate (e.g. a reviewer login) is not refused when the
+    database is at head. When it may not even read the version (a ``cxr_reviewer`` from before
+    ``roles.sql`` granted ``alembic_version``), the check is skipped: such a user cannot
+    change the schema anyway, and a query on an out-of-date schema fails on its own. A
+    database behind head that this user may not migrate is refused with what to do.
+    """
+    try:
+        current = current_revision(engine)
+    except sa.exc.DBAPIError as exc:
+        if not is_insufficient_privilege(exc):
+            raise
+        logger.warning(
+            "this database user may not read alembic_version, so the schema version was not "
+            "checked; re-run sql/roles.sql (cxr-screen db upgrade --reviewer-role)"
+        )
+        return
     head = head_revision()
     if current == head:
         return
@@ -181,7 +211,16 @@ def ensure_schema(engine: Engine) -> None:
             f"the database is at Alembic revision {current!r}, which this version of cxr-screen "
             f"does not know (its head is {head!r}); upgrade cxr-screen instead"
         )
-    upgrade(engine)
+    try:
+        upgrade(engine)
+    except sa.exc.DBAPIError as exc:
+        if not is_insufficient_privilege(exc):
+            raise
+        raise RuntimeError(
+            f"the database is at Alembic revision {current!r} and this version of cxr-screen "
+            f"needs {head!r}, but this database user may not migrate it (permission denied): "
+            "run `cxr-screen db upgrade` as the database owner first"
+        ) from None
 
 
 def connect(url: str) -> Engine:

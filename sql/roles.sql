@@ -4,6 +4,11 @@
 -- read every contract view (v_*) and append reviews, and nothing else: no base table reads
 -- (instances hold header facts, runs hold parameters), no updates or deletes anywhere.
 -- Views run with their owner's rights, so SELECT on a view does not open its base tables.
+-- Two small reads make `cxr-screen query` and `cxr-screen review` work for a reviewer login:
+-- SELECT on alembic_version (the schema version, checked before any work; it holds nothing
+-- else) and SELECT on the reviews id sequence (currval gives the id of the review just
+-- inserted; the sequence's last value tells how many reviews were ever made, which
+-- v_reviews shows anyway). No USAGE on it: reviewers cannot draw ids.
 --
 -- Idempotent; run after the migrations (and again after a migration adds a view), as a
 -- user allowed to create roles: `psql -d DB -f sql/roles.sql` or sql.db.apply_reviewer_role.
@@ -35,3 +40,14 @@ $grants$;
 -- Reviews are append-only for reviewers: INSERT of the review columns only (the id and
 -- created_at come from their defaults). Reading reviews goes through v_latest_reviews.
 GRANT INSERT (study_instance_uid, model_id, decision, reviewer, note) ON reviews TO cxr_reviewer;
+
+-- Read-only: the schema version, and the id of the review just inserted (see above).
+GRANT SELECT ON alembic_version TO cxr_reviewer;
+DO $sequence$
+BEGIN
+    EXECUTE format(
+        'GRANT SELECT ON SEQUENCE %s TO cxr_reviewer',
+        pg_get_serial_sequence('reviews', 'review_id')
+    );
+END
+$sequence$;

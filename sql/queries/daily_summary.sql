@@ -12,9 +12,9 @@ SELECT
     COALESCE(p.n_studies, 0) AS n_studies,
     COALESCE(p.n_positive, 0) AS n_positive
 FROM (
-    SELECT date(started_at) AS day FROM runs
+    SELECT date(started_at) AS day FROM v_run_summary
     UNION
-    SELECT date(predicted_at) AS day FROM study_predictions
+    SELECT date(predicted_at) AS day FROM v_study_results
 ) AS d
 LEFT JOIN (
     SELECT
@@ -24,7 +24,7 @@ LEFT JOIN (
         SUM(predicted) AS predicted,
         SUM(skipped) AS skipped,
         SUM(failed) AS failed
-    FROM runs
+    FROM v_run_summary
     GROUP BY date(started_at)
 ) AS r ON r.day = d.day
 LEFT JOIN (
@@ -32,7 +32,7 @@ LEFT JOIN (
         date(predicted_at) AS day,
         COUNT(*) AS n_studies,
         SUM(CASE WHEN label THEN 1 ELSE 0 END) AS n_positive
-    FROM study_predictions
+    FROM v_study_results
     GROUP BY date(predicted_at)
 ) AS p ON p.day = d.day
 WHERE d.day >= :first_day

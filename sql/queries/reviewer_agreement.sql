@@ -10,7 +10,7 @@ SELECT
     CAST(SUM(CASE WHEN r.decision = 'agree' THEN 1 ELSE 0 END) AS DOUBLE PRECISION)
         / NULLIF(SUM(CASE WHEN r.decision IN ('agree', 'disagree') THEN 1 ELSE 0 END), 0)
         AS agreement_rate
-FROM reviews AS r
+FROM v_reviews AS r
 WHERE r.created_at >= :since
 GROUP BY r.reviewer
 ORDER BY r.reviewer

@@ -5,7 +5,7 @@ SELECT
     fo.outcome,
     fo.reason,
     COUNT(*) AS n_files
-FROM file_outcomes AS fo
+FROM v_instance_outcomes AS fo
 WHERE fo.run_id = :run_id
 GROUP BY fo.outcome, fo.reason
 ORDER BY n_files DESC, fo.outcome, fo.reason

@@ -4,12 +4,11 @@
 SELECT
     fo.outcome,
     fo.reason,
-    m.name AS model_name,
-    m.version AS model_version,
+    fo.model_name,
+    fo.model_version,
     COUNT(*) AS n_files
-FROM file_outcomes AS fo
-JOIN models AS m ON m.model_id = fo.model_id
+FROM v_instance_outcomes AS fo
 WHERE fo.outcome <> 'predicted'
     AND fo.updated_at >= :since
-GROUP BY fo.outcome, fo.reason, m.name, m.version
+GROUP BY fo.outcome, fo.reason, fo.model_name, fo.model_version
 ORDER BY n_files DESC, fo.outcome, fo.reason

@@ -348,15 +348,34 @@ def test_reviewer_login_reads_views_appends_reviews_and_nothing_else(screened):
                 ),
                 {"who": login},
             ).all()
+            readable_sequences = (
+                conn.execute(
+                    sa.text(
+                        """
+                    SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                    WHERE n.nspname = 'public'
+                      AND CASE WHEN c.relkind = 'S'
+                          THEN has_sequence_privilege(:who, c.oid, 'SELECT') ELSE false END
+                    """
+                    ),
+                    {"who": login},
+                )
+                .scalars()
+                .all()
+            )
             create_in_schema = conn.execute(
                 sa.text("SELECT has_schema_privilege(:who, 'public', 'CREATE')"), {"who": login}
             ).scalar_one()
         table_grants = {(name, priv) for name, kind, priv, granted in grants if granted}
         views = {name for name, kind, _, _ in grants if kind == "v"}
         assert views and all(v.startswith("v_") for v in views)
-        assert table_grants == {(v, "SELECT") for v in views}
-        assert set(columns) == {("reviews", "INSERT")}  # the review columns, nothing else
+        # The views; and, read-only, the schema version (cxr-screen checks it before a query
+        # or a review) and the reviews id sequence (currval: the id of the review just added).
+        assert table_grants == {(v, "SELECT") for v in views} | {("alembic_version", "SELECT")}
+        # the review columns, nothing else
+        assert set(columns) == {("reviews", "INSERT"), ("alembic_version", "SELECT")}
         assert sequences == [] and create_in_schema is False
+        assert readable_sequences == ["reviews_review_id_seq"]
 
         # what a reviewer does, through a real login
         with reviewer.connect() as conn:

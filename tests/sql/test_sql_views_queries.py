@@ -12,6 +12,7 @@ Scenario (study number: images and scores; v1 then v2 of the model, same thresho
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
 
 import pandas as pd
@@ -186,6 +187,16 @@ def test_v_latest_reviews(scenario):
     assert df.iloc[0].model_version == "2.0.0" and pd.isna(df.iloc[1].model_version)
 
 
+def test_v_reviews(scenario):
+    df = view(scenario["engine"], "v_reviews", "review_id")
+    assert [(r.study_instance_uid, r.decision, r.reviewer) for r in df.itertuples()] == [
+        (STUDY[2], "agree", "alice"),
+        (STUDY[3], "disagree", "bob"),
+        (STUDY[3], "agree", "bob"),
+    ]
+    assert df.iloc[0].model_version == "2.0.0" and pd.isna(df.iloc[1].model_version)
+
+
 # --- queries --------------------------------------------------------------------------------
 
 
@@ -294,6 +305,13 @@ def test_query(scenario, name):
     df = run_query(scenario["engine"], name, params(scenario))
     assert len(df) > 0
     assert check(df, scenario), df.to_string()
+
+
+def test_queries_read_only_the_views():
+    """A reviewer login may read the v_* views and no base table: so must the queries."""
+    for name in list_queries():
+        sources = re.findall(r"\b(?:FROM|JOIN)\s+([A-Za-z_][A-Za-z0-9_]*)", load_query(name).sql)
+        assert sources and all(s.startswith("v_") for s in sources), (name, sources)
 
 
 def test_queries_declare_what_they_use():
