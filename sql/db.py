@@ -11,8 +11,9 @@ environment. Typical use::
 SQLite gets WAL, foreign keys, a busy timeout and transactions that start with
 ``BEGIN IMMEDIATE`` (so that concurrent writers wait for each other instead of failing with
 "database is locked" half-way through). Read-only work can ask for a deferred ``BEGIN`` with
-``connection.execution_options(sqlite_begin="DEFERRED")``. PostgreSQL uses psycopg 3,
-``pool_pre_ping`` and sessions in UTC.
+``connection.execution_options(sqlite_begin="DEFERRED")``. A new SQLite file is created
+owner-only (mode 0600; SQLite gives its -wal and -shm files the same mode). PostgreSQL uses
+psycopg 3, ``pool_pre_ping`` and sessions in UTC.
 
 A user who may not migrate (a login granted ``cxr_reviewer``) can still ``connect``: the
 migrate-on-first-use step only reads the schema version, and when that is the head revision
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +43,7 @@ ROLES_SQL = Path(__file__).resolve().parent / "roles.sql"
 SQLITE_BUSY_TIMEOUT_S = 60.0
 # pg_advisory_xact_lock key that serialises concurrent first-use migrations ("cxr-scrn").
 _MIGRATION_LOCK_KEY = 0x6378722D7363726E
+SQLITE_FILE_MODE = 0o600  # a new results file: owner-only (it holds identifying data)
 _INSUFFICIENT_PRIVILEGE = "42501"  # PostgreSQL SQLSTATE
 
 
@@ -65,18 +68,38 @@ def get_engine(url: str | sa.URL, **engine_kwargs) -> Engine:
     engine_kwargs.setdefault("hide_parameters", True)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
+        path = None
         if database and database != ":memory:" and not database.startswith("file:"):
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            path = Path(database).expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True)
         connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_S, **engine_kwargs.pop("connect_args", {})}
         engine = sa.create_engine(parsed, connect_args=connect_args, **engine_kwargs)
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, path)
         return engine
     connect_args = {"options": "-c timezone=UTC", **engine_kwargs.pop("connect_args", {})}
     engine_kwargs.setdefault("pool_pre_ping", True)
     return sa.create_engine(parsed, connect_args=connect_args, **engine_kwargs)
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _create_owner_only(path: Path) -> None:
+    """Create an empty database file with mode 0600 unless the file exists (an existing file's
+    mode is left alone). SQLite opens an empty file as an empty database."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SQLITE_FILE_MODE)
+    except FileExistsError:
+        return
+    os.close(fd)
+    os.chmod(path, SQLITE_FILE_MODE)  # whatever the umask
+
+
+def _configure_sqlite(engine: Engine, path: Path | None) -> None:
+    if path is not None:
+
+        @sa.event.listens_for(engine, "do_connect")
+        def _before_connect(_dialect, _record, _cargs, _cparams) -> None:
+            # Before sqlite3 would create the file with the process umask (0644 under 022).
+            _create_owner_only(path)
+
     @sa.event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:
         # SQLAlchemy emits BEGIN itself (below); sqlite3's implicit transactions are off.
