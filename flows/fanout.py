@@ -372,6 +372,7 @@ def screen_fanout(
                 "sources": len(sources),
             },
             prefect_flow_run_id=str(flow_run.id) if flow_run.id else None,
+            stale_after=settings.stale_run_after,
         )
         if job.completed:
             logger.info("fan-out job %s was already completed (run %d)", key, job.run_id)

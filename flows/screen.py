@@ -90,6 +90,7 @@ def screen(
         parameters=parameters,
         selection_policy=policy.to_dict(),
         prefect_flow_run_id=str(flow_run.id) if flow_run.id else None,
+        stale_after=settings.stale_run_after,
     )
     total = estimate_total(sources)
     report("start", run_id=ctx.run_id, total=total, model=checkpoint.version)

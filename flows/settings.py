@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     shard_size: int = 256
     workers: int | None = None
     batch_size: int | None = None
+    stale_run_hours: float | None = Field(
+        default=6.0,
+        description="A run still 'running' whose last shard commit (heartbeat) is older than "
+        "this is marked 'abandoned' when the next run starts (its process died); unset or "
+        "0: never marked",
+    )
     # Fan-out reprocessing (flows/fanout.py, docker/README.md).
     spool_dir: Path | None = Field(
         default=None,
@@ -56,6 +62,13 @@ class Settings(BaseSettings):
     manifest_size: int = Field(
         default=4096, description="Files per fan-out shard manifest (one sub-flow run each)"
     )
+
+    @property
+    def stale_run_after(self):
+        """``stale_run_hours`` as a timedelta, or None when runs are never marked abandoned."""
+        import datetime as dt
+
+        return dt.timedelta(hours=self.stale_run_hours) if self.stale_run_hours else None
 
     @property
     def thumbnails_dir(self) -> Path:

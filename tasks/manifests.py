@@ -21,6 +21,7 @@ when the job completes.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 import logging
@@ -185,9 +186,11 @@ def open_job(
     source: str,
     parameters: dict[str, Any],
     prefect_flow_run_id: str | None = None,
+    stale_after: dt.timedelta | None = writes.STALE_RUN_AFTER,
 ) -> Job:
     """Register the model version and start the job's run, or reopen the run of a job planned
-    before under the same key (which must use the same model version)."""
+    before under the same key (which must use the same model version). Starting a run marks
+    runs whose heartbeat is older than ``stale_after`` abandoned (see ``writes.start_run``)."""
     with sessions.begin() as session:
         model_id = writes.register_model(session, checkpoint.metadata(), checkpoint.sha256 or "")
         existing = store.job_run(session, job_key)
@@ -209,6 +212,7 @@ def open_job(
             selection_policy=parameters.get("selection") or {},
             model_id=model_id,
             prefect_flow_run_id=prefect_flow_run_id,
+            stale_after=stale_after,
         )
     return Job(job_key, run_id, model_id, resumed=False, completed=False)
 
