@@ -5,17 +5,15 @@ Every test that takes ``engine`` runs on a SQLite file and on a fresh PostgreSQL
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
-import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from support import scratch_postgres_database
 
 from sql import db
 from sql.schema import metadata
@@ -198,34 +196,6 @@ def model_run(Session) -> tuple[int, int]:
 
 
 UTC = dt.UTC
-
-
-PG_ADMIN_URL = os.environ.get(
-    "CXR_SCREEN_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
-
-
-@contextlib.contextmanager
-def scratch_postgres_database() -> Iterator[str]:
-    """A fresh PostgreSQL database, dropped on exit; fails (never skips) without a server."""
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"cxr_test_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    except sa.exc.OperationalError as exc:
-        admin.dispose()
-        pytest.fail(
-            f"PostgreSQL is not reachable at {PG_ADMIN_URL.split('@')[-1]} ({exc.orig}). Start it "
-            "(`service postgresql start`) or set CXR_SCREEN_TEST_POSTGRES_URL; not skipped.",
-            pytrace=False,
-        )
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
