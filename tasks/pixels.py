@@ -180,7 +180,7 @@ def _preprocess(
         np.divide(image[c], np.float32(spec.std[c]), out=image[c])
     thumbnail = None
     if thumb is not None:
-        thumbnail = to_uint8(windowed(thumb))
+        thumbnail = to_uint8(windowed(thumb, exact=False))
         facts["thumbnail_shape"] = list(thumbnail.shape)
     facts["input_size"] = size
     return Preprocessed(image=image, thumbnail=thumbnail, facts=facts)
@@ -742,7 +742,7 @@ DISPLAY_LEVELS = 65535
 
 def _windowed_resizer(
     stats: StoredValues, modality: Transform, voi: Transform, invert: bool
-) -> Callable[[tuple[int, int]], np.ndarray]:
+) -> Callable[..., np.ndarray]:
     """A function (rows, cols) -> float32 [0, 1] image, area-resized from the windowed image.
 
     Modality LUT, VOI and inversion are evaluated once per distinct stored value and quantised
@@ -756,10 +756,20 @@ def _windowed_resizer(
     if invert:
         table = 1.0 - table
     table = np.rint(np.clip(table, 0.0, 1.0) * DISPLAY_LEVELS).astype(np.uint16)
-    source = Image.fromarray(np.take(table, stats.index))
+    full = np.take(table, stats.index)
+    source = Image.fromarray(full)
 
-    def resized(shape: tuple[int, int]) -> np.ndarray:
-        out = np.asarray(source.resize((shape[1], shape[0]), Image.Resampling.BOX))
+    def resized(shape: tuple[int, int], exact: bool = True) -> np.ndarray:
+        """``exact=False`` (thumbnails for people): box-average every k-th pixel, k chosen so
+        that at least 2 samples per output pixel remain in each direction; ~4x cheaper than
+        the exact box filter at 2000 px (2.3 vs 9.6 ms) and indistinguishable at thumbnail
+        size. The model's input is always exact."""
+        img = source
+        if not exact:
+            k = int(min(full.shape[0] / shape[0], full.shape[1] / shape[1]) // 2)
+            if k > 1:
+                img = Image.fromarray(np.ascontiguousarray(full[::k, ::k]))
+        out = np.asarray(img.resize((shape[1], shape[0]), Image.Resampling.BOX))
         return out.astype(np.float32) / np.float32(DISPLAY_LEVELS)
 
     return resized

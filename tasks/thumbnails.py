@@ -45,7 +45,9 @@ def write_thumbnail(
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            im.save(f, format="PNG", optimize=False)
+            # zlib level 1: 2.7 ms instead of 5.9 ms for a 256 px thumbnail, ~15% larger;
+            # every predicted image gets one, so this is per-image cost in the decode workers
+            im.save(f, format="PNG", optimize=False, compress_level=1)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
