@@ -86,7 +86,9 @@ FULL = DemoPlan(
     archive_sizes=(512, 1024),
     train_studies=360,
     train_sizes=(256, 512),
-    epochs=6,
+    # 6 epochs gave validation AUROC 0.861 and specificity 0.11 at the chosen threshold with
+    # the seeded initialisation; 8 (same cosine schedule, stretched) give 1.000 and 1.000.
+    epochs=8,
 )
 QUICK = DemoPlan(
     archive_studies=12,
