@@ -46,37 +46,6 @@ def retry_on_transient_db_error(task, task_run, state) -> bool:
     return is_transient_db_error(exc if isinstance(exc, BaseException) else None)
 
 
-class PrefectPrestart:
-    """Start Prefect's temporary local server in a thread while the caller imports torch.
-
-    A flow call with no ``PREFECT_API_URL`` starts that server itself (~5.5 s here) before
-    running anything; started this way it overlaps the ~4 s of importing torch and the model.
-    ``join()`` before calling a flow. A failure here is left for the flow call to report.
-    """
-
-    def __init__(self) -> None:
-        import threading
-
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._start, name="prefect-prestart", daemon=True)
-        self._thread.start()
-
-    def _start(self) -> None:
-        try:
-            from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
-
-            if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
-                return
-            from prefect.server.api.server import SubprocessASGIServer
-
-            SubprocessASGIServer().start()
-        except BaseException as exc:  # reported by the flow call, which tries again
-            self.error = exc
-
-    def join(self) -> None:
-        self._thread.join()
-
-
 def quiet_console() -> None:
     """No Prefect INFO lines or server shutdown noise on the terminal.
 
