@@ -165,12 +165,25 @@ def test_nightly_and_reprocess_at_once_on_overlapping_data(
         done = run_cli(args, env, tmp_path / "sequential")
         assert done.returncode == 0, done.stderr[-2000:]
 
+    # The premise, made certain: both runs are recorded before either may write a row. A
+    # share lock on ``instances`` (reads pass, writes wait) holds each run's first shard until
+    # the other run has started; left to chance, one small run sometimes finished before the
+    # other's process had booted. (Concurrent first-use migration has its own test in
+    # tests/sql/test_sql_concurrency.py; here the schema exists so it can be locked.)
+    db.upgrade(concurrent_url)
     deadlocks_before = deadlocks(concurrent_url)
-    clis = [
-        Cli(args, env, tmp_path / f"concurrent{i}")
-        for i, args in enumerate(commands(concurrent_url))
-    ]
+    gate = sa.create_engine(concurrent_url)
+    with gate.connect() as hold:
+        hold.execute(sa.text("LOCK TABLE instances IN SHARE MODE"))
+        clis = [
+            Cli(args, env, tmp_path / f"concurrent{i}")
+            for i, args in enumerate(commands(concurrent_url))
+        ]
+        both_running = wait_for_runs(gate, 2, clis, timeout=300)
+        hold.commit()  # let both write
+    gate.dispose()
     results = [cli.wait(timeout=900) for cli in clis]
+    assert both_running, [r.stderr[-2000:] for r in results]
     for result in results:
         assert result.returncode == 0, result.stderr[-2000:]
     assert not consistency_problems(concurrent_url)
@@ -189,6 +202,21 @@ def test_nightly_and_reprocess_at_once_on_overlapping_data(
     # the premise: the two runs were writing at the same time
     assert max(r["started_at"] for r in runs) < min(r["finished_at"] for r in runs)
     assert deadlocks(concurrent_url) == deadlocks_before
+
+
+def wait_for_runs(engine: sa.Engine, n: int, clis: list[Cli], timeout: float) -> bool:
+    """Poll until ``n`` runs are recorded as running (False if a CLI exits or time runs out)."""
+    deadline = time.monotonic() + timeout
+    with engine.connect() as probe:
+        while time.monotonic() < deadline and all(cli.alive() for cli in clis):
+            running = probe.execute(
+                sa.text("SELECT COUNT(*) FROM runs WHERE status = 'running'")
+            ).scalar_one()
+            probe.rollback()  # a fresh snapshot on the next poll
+            if running >= n:
+                return True
+            time.sleep(0.2)
+    return False
 
 
 def deadlocks(url: str) -> int:
