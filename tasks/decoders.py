@@ -167,7 +167,9 @@ def _decode_full(ds: Dataset, tsyntax: UID) -> tuple[np.ndarray, str, list[str]]
     options = {"correct_unused_bits": False}
     if decoder.is_native:
         try:
-            arr = decoder.as_array(ds, index=0, raw=True, **options)[0]
+            # a read-only view of the element's bytes, not a copy (correct_stored_bits copies
+            # when it has to change a value)
+            arr = decoder.as_array(ds, index=0, raw=True, view_only=True, **options)[0]
         except Exception as exc:  # pydicom's messages name the problem; keep them
             raise InputError(f"reading native pixel data failed: {exc}") from exc
         return _as_2d(arr), "native", []
