@@ -102,3 +102,34 @@ def test_fast_path_equals_simple_path(corpus, checkpoint):
         else:
             assert shape == [700, 640], (name, shape)
             assert np.array_equal(full, used), name
+
+
+def test_pool_leaves_one_inference_thread_and_restores_the_setting(corpus, checkpoint):
+    """Beside busy decode workers torch's spinning intra-op threads stall each other; the
+    processor lowers them for its lifetime and puts the caller's setting back."""
+    import torch
+
+    from tasks.screening import available_cores
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        with ShardProcessor(checkpoint, device="cpu", workers=available_cores()) as proc:
+            assert torch.get_num_threads() == 1
+            proc.process(list(scan([corpus], b"fast-path-key"))[:2])
+        assert torch.get_num_threads() == 3
+        with ShardProcessor(checkpoint, device="cpu", workers=0):
+            assert torch.get_num_threads() == 3  # no pool: inference may use every core
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_decode_workers_keep_freed_buffers_on_glibc():
+    import platform
+
+    from tasks.ingest import keep_freed_memory
+
+    if platform.libc_ver()[0] != "glibc":
+        assert keep_freed_memory() is False
+    else:
+        assert keep_freed_memory() is True
