@@ -11,11 +11,18 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade --quiet pip
 
+# Byte-compile the project's own packages as pip does for installed ones: where
+# PYTHONDONTWRITEBYTECODE is set (as on the CI machines) every command would otherwise compile
+# them again, ~0.8 s of each command's start-up on 2 cores.
+COMPILE := $(BIN)/python -m compileall -q flows tasks model sql
+
 install: $(BIN)/python
 	$(BIN)/pip install --quiet -e .
+	$(COMPILE)
 
 install-dev: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(COMPILE)
 
 # Install, then run the main job on the embedded defaults (SQLite + Prefect's local server).
 demo: install

@@ -126,7 +126,7 @@ class Decoded:
 def thumbnail_path_for(thumbnails_dir: str | Path, sop_instance_uid: str) -> Path:
     """Where an instance's thumbnail lives: fanned out by a hash so folders stay small."""
     digest = hashlib.sha256(sop_instance_uid.encode()).hexdigest()
-    return Path(thumbnails_dir) / digest[:2] / f"{digest[2:18]}.png"
+    return Path(thumbnails_dir) / digest[:2] / f"{digest[2:18]}.jpg"
 
 
 def decode_item(

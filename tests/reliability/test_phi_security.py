@@ -227,7 +227,7 @@ def test_no_phi_or_secret_in_anything_a_run_produced(screened):
         "bad_bits.dcm": "failed",
         "predicted.dcm": "predicted",
     }
-    assert any(name.endswith(".png") for name in home_files)
+    assert any(name.endswith(".jpg") for name in home_files)
 
     places = {
         "stdout": result.stdout.encode(),

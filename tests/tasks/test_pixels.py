@@ -365,14 +365,19 @@ def test_sampled_thumbnail_of_a_large_image_matches_the_model_input(tmp_path):
     assert np.abs(again - unit(res.image)).mean() < 0.01
 
 
-def test_write_thumbnail_png(tmp_path):
+def test_write_thumbnail_jpeg(tmp_path):
     img = (np.arange(300 * 400) % 256).astype(np.uint8).reshape(300, 400)
-    out = write_thumbnail(img, tmp_path / "sub" / "t.png")
+    img = np.kron(img[::20, ::20], np.ones((20, 20), np.uint8))  # blocks: JPEG keeps them
+    out = write_thumbnail(img, tmp_path / "sub" / "t.jpg")
     with Image.open(out) as im:
-        assert im.format == "PNG" and im.mode == "L" and im.size == (256, 192)
-    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["t.png"]  # no temporary left
-    small = write_thumbnail(img[:10, :20], tmp_path / "s.png")
+        assert im.format == "JPEG" and im.mode == "L" and im.size == (256, 192)
+        assert not im.info.get("exif") and not im.getexif()  # no metadata of any kind
+        back = np.asarray(im).astype(np.float32)
+    expected = np.asarray(Image.fromarray(img).resize((256, 192), Image.Resampling.BOX))
+    assert np.abs(back - expected).mean() < 2.0  # quality 90: a level or two of 255
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["t.jpg"]  # no temporary left
+    small = write_thumbnail(img[:10, :20], tmp_path / "s.jpg")
     with Image.open(small) as im:
         assert im.size == (20, 10)  # never upscaled
     with pytest.raises(ValueError, match="uint8"):
-        write_thumbnail(img.astype(np.float32), tmp_path / "x.png")
+        write_thumbnail(img.astype(np.float32), tmp_path / "x.jpg")
