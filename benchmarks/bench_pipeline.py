@@ -9,7 +9,10 @@ Measured in the same run, on the same corpus (single-frame CR, ~2000x2000, 12-bi
              resolution, MONOCHROME1 inversion, a float resize, the model at batch size 1, one
              INSERT and commit per image (SQLite). What a typical script does.
 * ceiling  — the same decode + preprocess + batched inference in a bare spawn process pool
-             (tasks.screening.ShardProcessor, double-buffered), no Prefect, no database.
+             (tasks.screening.ShardProcessor, double-buffered), no Prefect, no database; run
+             twice: bare, and writing the review thumbnail of each image as the flow does. The
+             flow is judged against the second (same per-image work: what is left is Prefect
+             and the database) and the ratio to the bare one is printed too.
 * flow     — `cxr-screen screen --json` end to end, each run a fresh process as a user runs it
              (Prefect's temporary local server, SQLite, then PostgreSQL). Its fixed start-up
              (server, imports, model load, run bookkeeping) is the wall time of the command on
@@ -31,6 +34,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -122,7 +126,9 @@ def mode_naive(corpus: Path, model: Path, db: Path) -> dict:
     return {"images": len(files), "seconds": seconds}
 
 
-def mode_ceiling(corpus: Path, model: Path, shard_size: int, workers: int | None) -> dict:
+def mode_ceiling(
+    corpus: Path, model: Path, shard_size: int, workers: int | None, thumbnails: str = ""
+) -> dict:
     from model.checkpoint import load_checkpoint
     from tasks.ingest import scan, shards
     from tasks.screening import ShardProcessor
@@ -130,7 +136,8 @@ def mode_ceiling(corpus: Path, model: Path, shard_size: int, workers: int | None
     ckpt = load_checkpoint(model)
     started = time.perf_counter()
     predicted = 0
-    with ShardProcessor(ckpt, device="auto", workers=workers) as proc:
+    thumbs = thumbnails or None
+    with ShardProcessor(ckpt, device="auto", workers=workers, thumbnails_dir=thumbs) as proc:
         pending = None
         for shard in shards(scan([corpus], b"bench-key"), shard_size):
             nxt = proc.submit(shard)
@@ -293,13 +300,25 @@ def main() -> None:
         f"naive        {rate(naive):8.1f} images/s  ({naive['images']} in "
         f"{naive['seconds']:.1f}s, peak RSS {naive['peak_rss_mb']:.0f} MB)"
     )
-    ceiling = run_child(
-        "ceiling", corpus=corpus, model=model, shard_size=args.shard_size, workers=w
-    )
+    bare = run_child("ceiling", corpus=corpus, model=model, shard_size=args.shard_size, workers=w)
     print(
-        f"ceiling      {rate(ceiling):8.1f} images/s  ({ceiling['images']} in "
-        f"{ceiling['seconds']:.1f}s; process wall incl. imports {ceiling['wall']:.1f}s, "
-        f"peak RSS {ceiling['peak_rss_mb']:.0f} MB)"
+        f"ceiling      {rate(bare):8.1f} images/s  ({bare['images']} in "
+        f"{bare['seconds']:.1f}s; process wall incl. imports {bare['wall']:.1f}s, "
+        f"peak RSS {bare['peak_rss_mb']:.0f} MB)"
+    )
+    thumbs_dir = Path(tempfile.mkdtemp(prefix="thumbs-", dir=d))
+    ceiling = run_child(
+        "ceiling",
+        corpus=corpus,
+        model=model,
+        shard_size=args.shard_size,
+        workers=w,
+        thumbnails=thumbs_dir,
+    )
+    shutil.rmtree(thumbs_dir, ignore_errors=True)
+    print(
+        f"ceiling+th   {rate(ceiling):8.1f} images/s  (writing a review thumbnail per image as "
+        f"the flow does; {ceiling['images']} in {ceiling['seconds']:.1f}s)"
     )
 
     # Fixed start-up: the whole command on an empty folder (after one untimed warm-up that
@@ -340,6 +359,10 @@ def main() -> None:
             f"{pg['predicted'] / pg['seconds']:.1f} steady ({pg['predicted']} in "
             f"{pg['wall']:.1f}s wall, {pg['seconds']:.1f}s processing)"
         )
+    print(
+        f"flow/ceiling {steady / rate(ceiling):.2f} (same per-image work), "
+        f"{steady / rate(bare):.2f} (bare ceiling, no thumbnails)"
+    )
     steady_overhead = 1.0 - steady / rate(ceiling)
     run_overhead = (flow["wall"] - ceiling["wall"]) / flow["wall"]
 
