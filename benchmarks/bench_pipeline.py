@@ -2,6 +2,7 @@
 
     python benchmarks/bench_pipeline.py                       # defaults of issue #6 (long)
     python benchmarks/bench_pipeline.py --n 300 --rss-n 500   # a quicker look
+    python benchmarks/bench_pipeline.py --ceiling-only --n 240 # the decode pool + inference only
 
 Measured in the same run, on the same corpus (single-frame CR, ~2000x2000, 12-bit):
 
@@ -254,6 +255,35 @@ def median_wall(runs: list[dict]) -> float:
     return statistics.median(r["wall"] for r in runs)
 
 
+def rate(result: dict) -> float:
+    return result["images"] / result["seconds"]
+
+
+def ceilings(d: Path, corpus: Path, model: Path, shard_size: int, workers: int | None):
+    """The bare ceiling, then the same writing review thumbnails as the flow does."""
+    bare = run_child("ceiling", corpus=corpus, model=model, shard_size=shard_size, workers=workers)
+    print(
+        f"ceiling      {rate(bare):8.1f} images/s  ({bare['images']} in "
+        f"{bare['seconds']:.1f}s; process wall incl. imports {bare['wall']:.1f}s, "
+        f"peak RSS {bare['peak_rss_mb']:.0f} MB)"
+    )
+    thumbs_dir = Path(tempfile.mkdtemp(prefix="thumbs-", dir=d))
+    with_thumbs = run_child(
+        "ceiling",
+        corpus=corpus,
+        model=model,
+        shard_size=shard_size,
+        workers=workers,
+        thumbnails=thumbs_dir,
+    )
+    shutil.rmtree(thumbs_dir, ignore_errors=True)
+    print(
+        f"ceiling+th   {rate(with_thumbs):8.1f} images/s  (writing a review thumbnail per image "
+        f"as the flow does; {with_thumbs['images']} in {with_thumbs['seconds']:.1f}s)"
+    )
+    return bare, with_thumbs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=2000, help="images in the main corpus")
@@ -265,6 +295,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "cxr-bench")
     ap.add_argument("--no-postgres", action="store_true")
+    ap.add_argument(
+        "--ceiling-only",
+        action="store_true",
+        help="only the two ceiling runs (a quick look at the decode pool and inference)",
+    )
     ap.add_argument(
         "--model",
         type=Path,
@@ -287,8 +322,10 @@ def main() -> None:
     w = args.workers
     flow_args = {"model": model, "shard_size": args.shard_size, "workers": w}
     sqlite_url = f"sqlite:///{d / 'flow.db'}"
-    rate = lambda r: r["images"] / r["seconds"]  # noqa: E731
 
+    if args.ceiling_only:
+        ceilings(d, corpus, model, args.shard_size, w)
+        return
     naive_dir = corpus
     if args.naive_n and args.naive_n < args.n:
         naive_dir = make_corpus(
@@ -300,26 +337,7 @@ def main() -> None:
         f"naive        {rate(naive):8.1f} images/s  ({naive['images']} in "
         f"{naive['seconds']:.1f}s, peak RSS {naive['peak_rss_mb']:.0f} MB)"
     )
-    bare = run_child("ceiling", corpus=corpus, model=model, shard_size=args.shard_size, workers=w)
-    print(
-        f"ceiling      {rate(bare):8.1f} images/s  ({bare['images']} in "
-        f"{bare['seconds']:.1f}s; process wall incl. imports {bare['wall']:.1f}s, "
-        f"peak RSS {bare['peak_rss_mb']:.0f} MB)"
-    )
-    thumbs_dir = Path(tempfile.mkdtemp(prefix="thumbs-", dir=d))
-    ceiling = run_child(
-        "ceiling",
-        corpus=corpus,
-        model=model,
-        shard_size=args.shard_size,
-        workers=w,
-        thumbnails=thumbs_dir,
-    )
-    shutil.rmtree(thumbs_dir, ignore_errors=True)
-    print(
-        f"ceiling+th   {rate(ceiling):8.1f} images/s  (writing a review thumbnail per image as "
-        f"the flow does; {ceiling['images']} in {ceiling['seconds']:.1f}s)"
-    )
+    bare, ceiling = ceilings(d, corpus, model, args.shard_size, w)
 
     # Fixed start-up: the whole command on an empty folder (after one untimed warm-up that
     # creates Prefect's and the results database), median of three.
