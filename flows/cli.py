@@ -5,12 +5,20 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from flows.common import fatal_reason, quiet_console
@@ -263,21 +271,27 @@ def _run_with_progress(flow_fn, **params):
         MofNCompleteColumn(),
         TextColumn("{task.fields[detail]}"),
         TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
         console=err_console,
         transient=True,
     )
     task_id = bar.add_task("screen", total=None, detail="starting")
+    started = time.monotonic()
 
     def listener(event: str, data: dict) -> None:
+        nonlocal started
         if event == "start":
+            started = time.monotonic()
             bar.update(task_id, total=data.get("total"), detail=f"run {data['run_id']}")
         elif event == "shard":
             c = data.get("counts", {})
+            rate = data["seen"] / max(time.monotonic() - started, 1e-6)
             bar.update(
                 task_id,
                 completed=data["seen"],
                 detail=f"predicted {c.get('predicted', 0)} skipped {c.get('skipped', 0)} "
-                f"failed {c.get('failed', 0)}",
+                f"failed {c.get('failed', 0)} ({rate:.1f} files/s)",
             )
 
     progress.add_listener(listener)
