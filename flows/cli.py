@@ -136,7 +136,12 @@ def screen(
     ] = False,
     shard_size: Annotated[int | None, typer.Option(min=1, help="Files per shard")] = None,
     workers: Annotated[
-        int | None, typer.Option(min=0, help="Decode processes (0: in-process)")
+        int | None,
+        typer.Option(
+            min=0,
+            help="Decode processes (0: in-process; default: one per core with a GPU, on the "
+            "CPU the cores less one in five for inference, plus one)",
+        ),
     ] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Inference batch size")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,

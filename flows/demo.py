@@ -273,7 +273,12 @@ def train_command(
     db: Annotated[str | None, typer.Option("--db", help="Database URL (default: settings)")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
     workers: Annotated[
-        int | None, typer.Option(min=0, help="Decode processes (0: in-process)")
+        int | None,
+        typer.Option(
+            min=0,
+            help="Decode processes (0: in-process; default: one per core with a GPU, on the "
+            "CPU the cores less one in five for inference, plus one)",
+        ),
     ] = None,
 ) -> None:
     """Train a checkpoint on labelled DICOM studies and register it in the database."""

@@ -119,7 +119,7 @@ class ShardProcessor:
         self.predictor = Predictor(checkpoint, device=device)
         if batch_size:
             self.predictor.batch_size = batch_size
-        self.workers = default_workers() if workers is None else workers
+        self.workers = default_workers(self.predictor.device.type) if workers is None else workers
         self.reduced = reduced
         self.thumbnails_dir = str(thumbnails_dir) if thumbnails_dir else None
         self.spec_dict = checkpoint.preprocessing.to_dict()
@@ -288,15 +288,17 @@ class PendingShard:
 def limit_inference_threads(predictor: Predictor, workers: int) -> int | None:
     """On the CPU, leave the cores the decode workers use to them; returns the old setting.
 
-    torch's intra-op threads spin while they wait for each other: beside busy decode
-    processes, a thread that loses its core stalls the others. Measured on 2 cores (2000 px,
-    2 workers, 240 images): with torch's default of 2 threads inference used 7.2 s of CPU
-    and the pool ran at 28 images/s; with one thread, 2.8 s and 37 images/s.
+    Inference gets the cores the workers do not use plus this process's own (it sleeps while
+    it waits for a shard): ``cores - workers + 1``, at least one. torch's intra-op threads spin
+    while they wait for each other, so beside busy decode processes a thread that loses its
+    core stalls the others. Measured on 2 cores (2000 px, 2 workers, 240 images): with torch's
+    default of 2 threads inference used 7.2 s of CPU and the pool ran at 28 images/s; with
+    one thread, 2.8 s and 37 images/s.
     """
     if predictor.device.type != "cpu":
         return None
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, available_cores() - workers))
+    torch.set_num_threads(max(1, available_cores() - workers + 1))
     return before
 
 
@@ -306,15 +308,29 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
-def default_workers() -> int:
-    """Decode processes: one per core available to this process.
+def inference_cores(cores: int) -> int:
+    """Cores to leave to CPU inference: one in five, at least one.
 
-    Measured on 2 cores (LGMobileNetV2 on the CPU, one inference thread, see
-    ``limit_inference_threads``; 240 images of 2000 px, no thumbnails): 30 images/s with one
-    worker, 37 with two, 35 with three. The flow process sleeps while it waits for a shard, so
-    a worker per core costs inference little.
+    From the costs measured on the 2-core machine for a 2000 px radiograph: ~25 ms of a core
+    to read, hash, window and resize it in a worker, ~6.5 ms to score it on one thread (batch
+    8). On 2 cores this gives the split measured best there; above that it is reasoned from
+    those costs, not measured (smaller images shift the balance towards inference: set
+    ``--workers`` lower).
     """
-    return available_cores()
+    return max(1, round(cores / 5))
+
+
+def default_workers(device_type: str = "cpu") -> int:
+    """Decode processes: with a GPU one per core; on the CPU, the cores ``inference_cores``
+    does not keep, plus one (this process sleeps while it waits for a shard).
+
+    Measured on 2 cores (LGMobileNetV2 on the CPU, one inference thread; 240 images of
+    2000 px, no thumbnails): 30 images/s with one worker, 37 with two, 35 with three.
+    """
+    cores = available_cores()
+    if device_type != "cpu":
+        return cores
+    return max(1, cores - inference_cores(cores) + 1)
 
 
 def plan_skips(
