@@ -24,7 +24,7 @@ from flows.settings import get_settings
 from model.spec import PreprocessSpec
 from model.training import TrainConfig
 from tasks import prefect_tasks_train as t
-from tasks.screening import default_workers
+from tasks.screening import available_cores
 from tasks.selection import SelectionPolicy
 from tasks.training_run import evaluation_markdown, make_checkpoint
 
@@ -87,7 +87,8 @@ def train(
     )
     spec = PreprocessSpec(input_size=input_size)
     policy = SelectionPolicy.from_dict(selection) if selection else SelectionPolicy()
-    n_workers = default_workers() if settings.workers is None else settings.workers
+    # the data set is decoded before training starts: every core decodes
+    n_workers = available_cores() if settings.workers is None else settings.workers
     parameters = {
         "data": data,
         "out": out,
