@@ -136,6 +136,7 @@ def mode_ceiling(
 
     ckpt = load_checkpoint(model)
     started = time.perf_counter()
+    main_cpu = time.process_time()
     predicted = 0
     thumbs = thumbnails or None
     with ShardProcessor(ckpt, device="auto", workers=workers, thumbnails_dir=thumbs) as proc:
@@ -147,7 +148,13 @@ def mode_ceiling(
             pending = nxt
         if pending is not None:
             predicted += proc.collect(pending).counts["predicted"]
-    return {"images": predicted, "seconds": time.perf_counter() - started}
+    workers_usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the pool has been joined
+    return {
+        "images": predicted,
+        "seconds": time.perf_counter() - started,
+        "main_cpu": time.process_time() - main_cpu,
+        "workers_cpu": workers_usage.ru_utime + workers_usage.ru_stime,
+    }
 
 
 def run_cli(
@@ -267,6 +274,7 @@ def ceilings(d: Path, corpus: Path, model: Path, shard_size: int, workers: int |
         f"{bare['seconds']:.1f}s; process wall incl. imports {bare['wall']:.1f}s, "
         f"peak RSS {bare['peak_rss_mb']:.0f} MB)"
     )
+    print(cpu_per_image(bare))
     thumbs_dir = Path(tempfile.mkdtemp(prefix="thumbs-", dir=d))
     with_thumbs = run_child(
         "ceiling",
@@ -281,7 +289,16 @@ def ceilings(d: Path, corpus: Path, model: Path, shard_size: int, workers: int |
         f"ceiling+th   {rate(with_thumbs):8.1f} images/s  (writing a review thumbnail per image "
         f"as the flow does; {with_thumbs['images']} in {with_thumbs['seconds']:.1f}s)"
     )
+    print(cpu_per_image(with_thumbs))
     return bare, with_thumbs
+
+
+def cpu_per_image(result: dict) -> str:
+    n = max(result["images"], 1)
+    return (
+        f"             CPU per image: decode workers {1000 * result['workers_cpu'] / n:.1f} ms, "
+        f"main process {1000 * result['main_cpu'] / n:.1f} ms (scan, inference, rows)"
+    )
 
 
 def main() -> None:

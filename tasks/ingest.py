@@ -242,7 +242,7 @@ def keep_freed_memory(mmap_below: int = 32 << 20, trim_above: int = 128 << 20) -
     (30 MB). By default glibc serves these with fresh ``mmap`` calls and returns them on
     ``free``, so every image pays a page fault and a zeroing for each 4 KB page it touches.
     Keeping them in the heap (and trimming it only above ``trim_above``) took one 2000 px
-    image from 35-46 ms to 22-27 ms of one core (measured in a single process). A worker's
+    image from 35-46 ms to 20-30 ms of one core (measured in a single process). A worker's
     resident memory stays bounded by the largest image it has decoded. Returns False where
     the C library is not glibc (nothing is changed).
     """
