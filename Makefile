@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 
-.PHONY: install install-dev demo test lint bench postgres
+.PHONY: install install-dev demo test lint bench postgres system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(BIN)/python:
 # Byte-compile the project's own packages as pip does for installed ones: where
 # PYTHONDONTWRITEBYTECODE is set (as on the CI machines) every command would otherwise compile
 # them again, ~0.8 s of each command's start-up on 2 cores.
-COMPILE := $(BIN)/python -m compileall -q flows tasks model sql
+COMPILE := $(BIN)/python -m compileall -q cli flows tasks model sql
 
 install: $(BIN)/python
 	$(BIN)/pip install --quiet -e .
@@ -32,8 +32,20 @@ demo: install
 postgres:
 	@pg_isready -q -h 127.0.0.1 -p 5432 || (service postgresql start && sleep 2 && pg_isready -h 127.0.0.1 -p 5432)
 
+# The real peers the tests talk to, from Debian, installed when missing: a PACS (Orthanc with
+# its DICOMweb plugin), dcmtk (storescu, findscu, encoders), dicom3tools (dciodvfy) and a
+# headless Chromium for the review page's browser tests.
+SYSTEM_BINARIES := /usr/sbin/Orthanc /usr/share/orthanc/plugins/libOrthancDicomWeb.so /usr/bin/storescu /usr/bin/dciodvfy /usr/bin/chromium-headless-shell
+system-deps:
+	@missing=0; for f in $(SYSTEM_BINARIES); do [ -e $$f ] || missing=1; done; \
+	if [ $$missing = 1 ]; then \
+	  echo "installing the test peers from Debian (orthanc, orthanc-dicomweb, dcmtk, dicom3tools, chromium-headless-shell)"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	    orthanc orthanc-dicomweb dcmtk dicom3tools chromium-headless-shell; \
+	fi
+
 # Install everything, then lint and run the whole test suite (SQLite and PostgreSQL).
-test: install-dev postgres
+test: install-dev postgres system-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q

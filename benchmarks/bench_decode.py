@@ -3,11 +3,11 @@
     .venv/bin/python benchmarks/bench_decode.py            # ~2000 px images, 3 per syntax
     .venv/bin/python benchmarks/bench_decode.py --plugins  # also time every decoder plugin
 
-Writes synthetic radiographs (tasks.synth) to a temporary folder (or --dir, reused when it
-already holds them), then times ``tasks.pixels.preprocess`` (150 px model input) on them. One
+Writes synthetic radiographs (tasks.dicom.synth) to a temporary folder (or --dir, reused when it
+already holds them), then times ``tasks.dicom.pixels.preprocess`` (150 px model input) on them. One
 line per configuration; the last line gives speed-ups over full decoding (target: JPEG 2000 >= 10x).
 ``reduced`` is the default (decoded image >= 2x the model input); ``reduced-m1`` the smallest
-resolution level that still covers the input (faster, less accurate: see tasks/pixels.py).
+resolution level that still covers the input (faster, less accurate: see tasks/dicom/pixels.py).
 Numbers depend on the machine and its load; compare lines from one run only.
 """
 
@@ -24,9 +24,9 @@ from pathlib import Path
 import pydicom
 
 from model.spec import PreprocessSpec
-from tasks import synth
-from tasks.decoders import PLUGIN_PREFERENCE
-from tasks.pixels import preprocess
+from tasks.dicom import synth
+from tasks.dicom.decoders import PLUGIN_PREFERENCE
+from tasks.dicom.pixels import preprocess
 
 REDUCIBLE = ("j2k_lossless", "j2k", "jpeg_baseline")
 MODES = {  # name: preprocess keywords

@@ -1,10 +1,10 @@
 """Wall time of ``cxr-screen demo`` by stage, and how well the demo model does.
 
-    .venv/bin/python benchmarks/bench_demo.py                 # the full demo (flows.demo.FULL)
+    .venv/bin/python benchmarks/bench_demo.py                 # the full demo (cli.demo.FULL)
     .venv/bin/python benchmarks/bench_demo.py --quick         # the size the tests use
     taskset -c 0,1 .venv/bin/python benchmarks/bench_demo.py  # on 2 cores of a bigger machine
 
-Runs ``flows.demo.run_demo`` in a temporary directory (or --dir) through the real flows (a
+Runs ``cli.demo.run_demo`` in a temporary directory (or --dir) through the real flows (a
 temporary Prefect server is started unless PREFECT_API_URL is set) and prints one line per
 stage: data generation, training (the whole train flow, server start included) and screening,
 the training throughput (images per second, forward + backward, from the epochs run) and the
@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="override the plan's epochs")
     args = parser.parse_args()
 
-    from flows.demo import quiet_console, run_demo
+    from cli.demo import quiet_console, run_demo
 
     quiet_console()
     import torch

@@ -54,7 +54,7 @@ def make_corpus(out: Path, n: int, size: int, syntax: str, distinct: int = 12) -
     from pydicom import dcmread
     from pydicom.uid import generate_uid
 
-    from tasks import synth
+    from tasks.dicom import synth
 
     marker = out / f".done-{n}-{size}-{syntax}"
     if marker.exists():
@@ -368,7 +368,7 @@ def main() -> None:
     print(
         f"flow start-up {startup_s:5.2f}s  (empty folder; temporary Prefect server, imports, model)"
     )
-    from flows.local_server import start_local_server
+    from cli.server import start_local_server
 
     server = start_local_server()  # a Prefect server that is already running, as in production
     server.wait_ready()

@@ -37,7 +37,7 @@ def main() -> None:
 
     from model.checkpoint import load_checkpoint
     from model.predictor import Predictor
-    from tasks import pixels as px
+    from tasks.dicom import pixels as px
 
     corpus = make_corpus(
         args.dir / f"margin-j2k-{args.n}-{args.size}", args.n, args.size, "j2k_lossless", args.n

@@ -30,8 +30,8 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
 
     from model.checkpoint import untrained_checkpoint
-    from tasks import synth
-    from tasks.discovery import SourceFile
+    from tasks.dicom import synth
+    from tasks.dicom.discovery import SourceFile
     from tasks.ingest import decode_item, keep_freed_memory
 
     keep_freed_memory()

@@ -70,7 +70,7 @@ def quiet_console() -> None:
 
 def fatal_reason(exc: BaseException) -> str:
     """One line for a fatal error: the message that matters, no traceback."""
-    from flows.demo import DemoError
+    from cli.demo import DemoError
     from flows.screen import ScreenError
     from flows.train import TrainError
     from model.checkpoint import CheckpointError

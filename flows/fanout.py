@@ -40,7 +40,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.fanout_cli import (
+from cli.fanout import (
     CONTROL_QUEUE,
     MAX_IN_FLIGHT_CAP,
     SHARD_QUEUE,
@@ -313,7 +313,7 @@ def screen_fanout(
     from model.checkpoint import load_checkpoint
     from sql.db import connect, session_factory
     from tasks import manifests as plan
-    from tasks.selection import SelectionPolicy
+    from tasks.dicom.selection import SelectionPolicy
 
     logger = get_run_logger()
     settings = get_settings(database_url=database_url, shard_size=shard_size)
@@ -604,7 +604,7 @@ def ensure_work_pool(name: str) -> None:
                 )
 
 
-# --- CLI commands (registered by flows/cli.py) ------------------------------------------------
+# --- CLI commands (registered by cli/app.py) ------------------------------------------------
 
 if __name__ == "__main__":
     cli()

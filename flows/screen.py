@@ -25,9 +25,9 @@ from prefect.utilities.annotations import quote
 from flows.progress import report
 from flows.settings import get_settings
 from tasks import prefect_tasks as t
+from tasks.dicom.selection import SelectionPolicy
 from tasks.ingest import estimate_total, scan, shards
 from tasks.screening import ShardProcessor
-from tasks.selection import SelectionPolicy
 
 
 class ScreenError(RuntimeError):

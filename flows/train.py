@@ -4,7 +4,7 @@ dataset (the screening pipeline's scan, selection and pixel path) → training l
 (class names, threshold chosen on validation, spec, version, provenance, metrics) → saved →
 registered as a model version, with a ``train`` run → evaluation report artifact.
 
-The ``cxr-screen train`` command is ``flows.demo.train_command`` (a module that imports Prefect
+The ``cxr-screen train`` command is ``cli.demo.train_command`` (a module that imports Prefect
 only when a command runs).
 """
 
@@ -24,8 +24,8 @@ from flows.settings import get_settings
 from model.spec import PreprocessSpec
 from model.training import TrainConfig
 from tasks import prefect_tasks_train as t
+from tasks.dicom.selection import SelectionPolicy
 from tasks.screening import available_cores
-from tasks.selection import SelectionPolicy
 from tasks.training_run import evaluation_markdown, make_checkpoint
 
 

@@ -1,6 +1,6 @@
 """The preprocessing spec: how pixels become the tensor a checkpoint expects.
 
-The spec is data. ``tasks.pixels`` implements it for DICOM; training and inference both call
+The spec is data. ``tasks.dicom.pixels`` implements it for DICOM; training and inference both call
 that one implementation, and the spec's hash is stored with every prediction so that a score
 can always be traced to the exact preprocessing that produced it.
 """

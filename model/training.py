@@ -1,7 +1,7 @@
 """The training loop (plain PyTorch): AdamW, cosine schedule, class weights, early stopping.
 
 Inputs are datasets of ``(image_tensor, label)`` already preprocessed with the checkpoint's
-spec (``tasks.pixels`` for DICOM), so training and inference see identical pixels.
+spec (``tasks.dicom.pixels`` for DICOM), so training and inference see identical pixels.
 """
 
 from __future__ import annotations

@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 
 from model.spec import PreprocessSpec
-from tasks.discovery import DEFAULT_LIMITS, ArchiveLimits, SourceFile, discover
-from tasks.headers import InstanceHeader, read_header
-from tasks.outcomes import InputError, Outcome, SkipReason
-from tasks.pixels import preprocess
-from tasks.selection import DEFAULT_POLICY, SelectionPolicy, select
-from tasks.thumbnails import write_thumbnail
+from tasks.dicom.discovery import DEFAULT_LIMITS, ArchiveLimits, SourceFile, discover
+from tasks.dicom.headers import InstanceHeader, read_header
+from tasks.dicom.outcomes import InputError, Outcome, SkipReason
+from tasks.dicom.pixels import preprocess
+from tasks.dicom.selection import DEFAULT_POLICY, SelectionPolicy, select
+from tasks.dicom.thumbnails import write_thumbnail
 
 
 @dataclass

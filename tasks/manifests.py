@@ -40,10 +40,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from model.checkpoint import Checkpoint
 from sql import manifests as store
 from sql import writes
-from tasks.discovery import DEFAULT_LIMITS, ArchiveLimits, SourceFile, discover
+from tasks.dicom.discovery import DEFAULT_LIMITS, ArchiveLimits, SourceFile, discover
+from tasks.dicom.selection import SelectionPolicy
 from tasks.ingest import scan_file
 from tasks.screening import PendingShard, ShardProcessor, plan_skips
-from tasks.selection import SelectionPolicy
 
 RECORD_FIELDS = ("uri", "path", "member", "container", "offset", "size", "error")
 _DEFAULTS = {"member": None, "container": "file", "offset": 0, "size": None, "error": None}

@@ -16,7 +16,7 @@ from model.checkpoint import Checkpoint
 from model.spec import PreprocessSpec
 from model.training import TrainConfig, TrainResult, build_and_train
 from tasks import training_run
-from tasks.selection import SelectionPolicy
+from tasks.dicom.selection import SelectionPolicy
 from tasks.training_data import Progress, TrainingData, build_training_data
 
 _DB_RETRIES = dict(

@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from model.checkpoint import Checkpoint
 from model.predictor import Predictor
 from sql import writes
+from tasks.dicom.outcomes import Outcome
 from tasks.ingest import Decoded, ScanItem, decode_item, decode_many, init_worker
-from tasks.outcomes import Outcome
 
 
 @dataclass

@@ -37,10 +37,10 @@ import torch
 from torch.utils.data import Dataset
 
 from model.spec import PreprocessSpec
-from tasks.discovery import DEFAULT_LIMITS, ArchiveLimits, discover
+from tasks.dicom.discovery import DEFAULT_LIMITS, ArchiveLimits, discover
+from tasks.dicom.outcomes import Outcome
+from tasks.dicom.selection import DEFAULT_POLICY, SelectionPolicy
 from tasks.ingest import Decoded, ScanItem, decode_item, exit_with_parent, scan_file
-from tasks.outcomes import Outcome
-from tasks.selection import DEFAULT_POLICY, SelectionPolicy
 
 POSITIVE_NAMES = ("positive", "abnormal")
 """Class names taken as the positive class when none is given (case-insensitive)."""

@@ -35,3 +35,13 @@ def db_url(request) -> str:
     if request.param == "sqlite":
         return request.getfixturevalue("sqlite_url")
     return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Flows run against a temporary Prefect server and database, started once per session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    # None: wait as long as PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (set above)
+    with prefect_test_harness(server_startup_timeout=None):
+        yield

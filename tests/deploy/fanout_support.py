@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from support import PG_ADMIN_URL as PG_ADMIN_URL
 from support import make_model as make_model
 
-from tasks import synth
+from tasks.dicom import synth
 
 HMAC_KEY = "fan-out-test-key-0123456789abcdef"
 

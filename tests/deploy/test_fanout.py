@@ -36,7 +36,7 @@ from fanout_support import (
     write_sources,
 )
 
-from tasks.discovery import discover
+from tasks.dicom.discovery import discover
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

@@ -18,10 +18,10 @@ from sql import manifests as store
 from sql import writes
 from sql.db import connect, session_factory
 from tasks import manifests as fan
-from tasks.discovery import discover
+from tasks.dicom.discovery import discover
+from tasks.dicom.selection import SelectionPolicy
 from tasks.ingest import scan, scan_file, shards
 from tasks.screening import ShardProcessor, close_run, open_run, persist_shard, plan_skips
-from tasks.selection import SelectionPolicy
 
 KEY = HMAC_KEY.encode()
 # Laterals are screened too, so studies have two predicted images that manifests can split.

@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from support import make_model
 
-from tasks import synth
+from tasks.dicom import synth
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

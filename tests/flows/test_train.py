@@ -16,10 +16,10 @@ import torch
 from model.checkpoint import file_sha256, load_checkpoint
 from model.predictor import Predictor
 from model.spec import PreprocessSpec
-from tasks.discovery import discover
+from tasks.dicom.discovery import discover
+from tasks.dicom.pixels import preprocess
+from tasks.dicom.synth import read_labels, write_broken, write_corpus, write_unselected
 from tasks.ingest import decode_item
-from tasks.pixels import preprocess
-from tasks.synth import read_labels, write_broken, write_corpus, write_unselected
 from tasks.training_data import (
     CONFLICT_REASON,
     DUPLICATE_REASON,
@@ -312,7 +312,7 @@ def test_train_command_output_and_fatal_error(
     import typer
     from typer.testing import CliRunner
 
-    from flows.demo import train_command
+    from cli.demo import train_command
 
     monkeypatch.setenv("CXR_SCREEN_HOME", str(tmp_path / "home"))
     app = typer.Typer()

@@ -2,7 +2,7 @@
 
 ``build(root)`` writes the corpus under ``root`` and returns one :class:`Kind` per entry the
 pipeline will see, with the outcome it must end in and a pattern its stored reason must match.
-Sources: files generated here, ``tasks.synth``'s broken and unselected files, and broken or
+Sources: files generated here, ``tasks.dicom.synth``'s broken and unselected files, and broken or
 out-of-scope files shipped by pydicom and pydicom-data (some relabelled as CR, two bytes
 changed, so that the selection policy lets them reach the pixel path).
 
@@ -26,7 +26,7 @@ import numpy as np
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
-from tasks import synth
+from tasks.dicom import synth
 
 GIB = 1024**3
 
@@ -247,7 +247,7 @@ def build(root: str | os.PathLike[str], *, bomb_bytes: int = GIB) -> list[Kind]:
     def add(name, uri_end, outcome, reason, origin, fact=None) -> None:
         kinds.append(Kind(name, uri_end, outcome, reason, origin, fact))
 
-    # 1. tasks.synth's broken files, with the substring the pixel path's reason contains
+    # 1. tasks.dicom.synth's broken files, with the substring the pixel path's reason contains
     #    (the header scan already refuses a file cut inside its header, naming the element).
     broken = synth.write_broken(root / "synth_broken")
     header_reasons = {"truncated_header.dcm": "the file is truncated: it ends inside (0008,0016)"}
@@ -259,7 +259,7 @@ def build(root: str | os.PathLike[str], *, bomb_bytes: int = GIB) -> list[Kind]:
             _literal(header_reasons.get(fname, substring)),
             "synth",
         )
-    # 2. tasks.synth's valid files a chest CR/DX frontal policy skips.
+    # 2. tasks.dicom.synth's valid files a chest CR/DX frontal policy skips.
     unselected = synth.write_unselected(root / "synth_unselected")
     for fname, keyword in sorted(unselected.items()):
         add(

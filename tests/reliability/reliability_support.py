@@ -23,7 +23,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from support import make_model as make_model
 
-from tasks import synth
+from tasks.dicom import synth
 
 HMAC_KEY = "reliability-hmac-7f3c9e41d2b8a6057e1c"  # planted: must never appear in any output
 

@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 from reliability_support import cli_env, drop_file_permission_override, run_cli
 
-from tasks.discovery import discover
+from tasks.dicom.discovery import discover
 from tasks.ingest import estimate_total
 
 # Peak RSS of the screening process (or of its largest child): torch, the model, a decode

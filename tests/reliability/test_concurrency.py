@@ -22,7 +22,7 @@ from reliability_support import (
 
 from model.checkpoint import load_checkpoint
 from sql import db, writes
-from tasks import synth
+from tasks.dicom import synth
 
 
 def image_rows(study: str, sop: str, score: float) -> dict:

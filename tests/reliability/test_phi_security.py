@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 from reliability_support import HMAC_KEY, cli_env, run_cli
 
-from tasks import synth
+from tasks.dicom import synth
 
 REPO = Path(__file__).resolve().parents[2]
 PG_ADMIN_URL = os.environ.get(

@@ -20,8 +20,8 @@ import pytest
 
 from model.checkpoint import untrained_checkpoint
 from model.predictor import Predictor
-from tasks import pixels as px
-from tasks import synth
+from tasks.dicom import pixels as px
+from tasks.dicom import synth
 from tasks.ingest import scan
 from tasks.screening import ShardProcessor
 

@@ -13,10 +13,10 @@ import data_store
 import pytest
 from pydicom.data import get_testdata_file
 
-from tasks.discovery import discover
-from tasks.headers import InstanceHeader, read_header
-from tasks.outcomes import InputError, SkipReason
-from tasks.selection import DEFAULT_POLICY, DX_FOR_PROCESSING, SelectionPolicy, select
+from tasks.dicom.discovery import discover
+from tasks.dicom.headers import InstanceHeader, read_header
+from tasks.dicom.outcomes import InputError, SkipReason
+from tasks.dicom.selection import DEFAULT_POLICY, DX_FOR_PROCESSING, SelectionPolicy, select
 
 KEY = b"selection-test"
 DATA_STORE = Path(data_store.__file__).parent / "data"

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from pydicom.data import get_testdata_file
 
-from tasks.discovery import ArchiveLimits, SourceFile, discover
-from tasks.headers import read_header
-from tasks.outcomes import InputError
+from tasks.dicom.discovery import ArchiveLimits, SourceFile, discover
+from tasks.dicom.headers import read_header
+from tasks.dicom.outcomes import InputError
 
 CT = Path(get_testdata_file("CT_small.dcm"))
 MR = Path(get_testdata_file("MR_small.dcm"))

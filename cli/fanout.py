@@ -56,7 +56,7 @@ def run_command(
     db: Annotated[str | None, typer.Option("--db", help="Results database URL")] = None,
 ) -> None:
     """Reprocess sources across the workers of a Prefect server (this process is the parent)."""
-    from flows.cli import _run_with_progress, print_summary
+    from cli.app import _run_with_progress, print_summary
     from flows.common import quiet_console
 
     quiet_console()

@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 from rich.console import Console
 
-from flows.demo import MARKER, DemoError, prepare_directory, run_demo
+from cli.demo import MARKER, DemoError, prepare_directory, run_demo
 from model.checkpoint import load_checkpoint
 
 

@@ -15,7 +15,7 @@ Decisions (defaults), in the order they are checked:
   installations write). A missing or empty value is accepted (``accept_missing_body_part``),
   because many CR devices leave it out.
 - View: PA and AP are screened. Laterals (LL, RL, LATERAL...), obliques and decubitus views are
-  skipped. An unknown view (no ViewPosition and no fallback in ``tasks.headers`` gave one) is
+  skipped. An unknown view (no ViewPosition and no fallback in ``tasks.dicom.headers`` gave one) is
   accepted by default (``accept_missing_view``): many CR files carry no ViewPosition, and
   dropping them would silently lose most of an older archive. A radiologist who prefers
   frontal-only certainty sets it to False; the run summary then lists those files as skipped.
@@ -33,7 +33,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tasks.headers import InstanceHeader
+from tasks.dicom.headers import InstanceHeader
 
 DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")

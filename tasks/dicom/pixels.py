@@ -5,7 +5,7 @@ Training and inference both call :func:`preprocess`; its behaviour is fixed by a
 
 The chain, in the order DICOM defines it (PS3.3 C.11, PS3.4 N.2):
 
-1. decode the stored values (``tasks.decoders``; reduced resolution where the codec allows);
+1. decode the stored values (``tasks.dicom.decoders``; reduced resolution where the codec allows);
 2. Bits Stored / Pixel Representation: stray high bits masked, signed values sign-extended;
 3. modality LUT: Rescale Slope/Intercept or a Modality LUT Sequence;
 4. VOI: a VOI LUT Sequence, or the first Window Center/Width with its VOI LUT Function
@@ -47,9 +47,9 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from model.spec import PreprocessSpec
-from tasks.decoders import Decoded, PixelLayout, decode
-from tasks.outcomes import InputError
-from tasks.thumbnails import thumbnail_shape
+from tasks.dicom.decoders import Decoded, PixelLayout, decode
+from tasks.dicom.outcomes import InputError
+from tasks.dicom.thumbnails import thumbnail_shape
 
 DEFAULT_MAX_PIXELS = 100_000_000
 """Refuse images with more samples than this (10,000 x 10,000) before decoding anything."""

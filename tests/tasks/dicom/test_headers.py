@@ -16,9 +16,9 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from tasks.discovery import SourceFile, discover
-from tasks.headers import InstanceHeader, group_by_study, keyed_hash, read_header
-from tasks.outcomes import InputError, SkipReason
+from tasks.dicom.discovery import SourceFile, discover
+from tasks.dicom.headers import InstanceHeader, group_by_study, keyed_hash, read_header
+from tasks.dicom.outcomes import InputError, SkipReason
 
 KEY = b"site-secret-key"
 DATA_STORE = Path(data_store.__file__).parent / "data"

@@ -1,4 +1,4 @@
-"""The CLI's own temporary Prefect server (flows.local_server): used when no Prefect API is
+"""The CLI's own temporary Prefect server (cli.server): used when no Prefect API is
 configured, gone with the command even when the command is SIGKILLed, and never told a
 database password."""
 
@@ -17,8 +17,8 @@ import pytest
 import sqlalchemy as sa
 from support import make_model
 
-from flows import local_server
-from tasks import synth
+from cli import server as local_server
+from tasks.dicom import synth
 
 CLI = str(Path(sys.executable).parent / "cxr-screen")
 

@@ -52,8 +52,8 @@ from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from tasks.discovery import SourceFile
-from tasks.outcomes import InputError, SkipReason
+from tasks.dicom.discovery import SourceFile
+from tasks.dicom.outcomes import InputError, SkipReason
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")

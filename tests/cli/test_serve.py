@@ -1,6 +1,6 @@
 """Deployments: ``prefect.yaml`` resolves to the real flows, and ``serve`` really schedules runs.
 
-The serve test starts ``python -m flows.serve`` as a real process with a short interval
+The serve test starts ``python -m cli.serve`` as a real process with a short interval
 schedule; it starts its own Prefect server (SQLite, temporary PREFECT_HOME), whose scheduler
 must create a nightly flow run that the served runner executes to completion, writing a
 ``kind='nightly'`` run into a temporary results database. Every process it starts is killed
@@ -25,7 +25,7 @@ import sqlalchemy as sa
 import yaml
 from support import make_model
 
-from tasks.synth import write_study
+from tasks.dicom.synth import write_study
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -94,7 +94,7 @@ def test_prefect_yaml_schedules(prefect_yaml):
 
 
 def test_serve_rejects_bad_schedule_options():
-    from flows.serve import ServeError, make_schedule
+    from cli.serve import ServeError, make_schedule
     from flows.settings import get_settings
 
     settings = get_settings()
@@ -207,7 +207,7 @@ def test_serve_schedules_and_completes_a_nightly_run(serve_inputs):
     command = [
         sys.executable,
         "-m",
-        "flows.serve",
+        "cli.serve",
         "--interval",
         "5",
         "--drop-folder",

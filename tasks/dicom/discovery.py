@@ -14,7 +14,7 @@ Rules (what a radiology informatics engineer expects from a drop folder or an ol
   not only its suffix. An archive inside an archive is not opened (errored entry): extract it
   and give it as its own source.
 - Not yielded at all, because they are not instances: ``DICOMDIR`` index files (by name, any
-  case; a DICOMDIR under another name is recognised by its SOP Class in ``tasks.headers``),
+  case; a DICOMDIR under another name is recognised by its SOP Class in ``tasks.dicom.headers``),
   hidden files and directories (a name starting with ``.``: ``.DS_Store``, macOS ``._*``
   AppleDouble files, ``.git``...), macOS ``__MACOSX/`` folders inside archives, and directories
   themselves.
@@ -69,7 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from tasks.outcomes import InputError
+from tasks.dicom.outcomes import InputError
 
 Container = Literal["file", "zip", "tar", "inline"]
 

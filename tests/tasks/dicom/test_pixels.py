@@ -13,11 +13,11 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 
-import tasks.pixels as px
+import tasks.dicom.pixels as px
 from model.spec import PreprocessSpec
-from tasks import decoders, synth
-from tasks.outcomes import InputError
-from tasks.thumbnails import thumbnail_shape, write_thumbnail
+from tasks.dicom import decoders, synth
+from tasks.dicom.outcomes import InputError
+from tasks.dicom.thumbnails import thumbnail_shape, write_thumbnail
 
 SPEC = PreprocessSpec()
 TOL = 5e-5  # the pixel path vs float64 arithmetic: 16-bit display levels + Pillow's I;16 rounding

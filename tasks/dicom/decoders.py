@@ -11,7 +11,7 @@ and records which decoder produced them. Two decoding routes exist:
   be fastest here for each transfer syntax; when all fail, their messages are combined.
 
 Pixel validation that does not need the pixels (sizes, bit depths, memory guard) lives in
-``tasks.pixels``; this module assumes it has been done.
+``tasks.dicom.pixels``; this module assumes it has been done.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from tasks.outcomes import InputError
+from tasks.dicom.outcomes import InputError
 
 NATIVE_SYNTAXES = (
     ImplicitVRLittleEndian,

@@ -11,10 +11,10 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-import tasks.pixels as px
+import tasks.dicom.pixels as px
 from model.spec import PreprocessSpec
-from tasks import decoders
-from tasks.outcomes import InputError
+from tasks.dicom import decoders
+from tasks.dicom.outcomes import InputError
 
 SPEC = PreprocessSpec()
 
@@ -35,7 +35,7 @@ def unit(res: px.Preprocessed) -> np.ndarray:
 
 
 def stored(name: str) -> np.ndarray:
-    """Full-resolution stored values through tasks.decoders."""
+    """Full-resolution stored values through tasks.dicom.decoders."""
     ds = pydicom.dcmread(real(name))
     facts: dict = {}
     ds, uid = px.transfer_syntax(ds, facts)

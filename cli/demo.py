@@ -352,7 +352,7 @@ def write_archive(directory: Path, plan: DemoPlan, seed: int) -> tuple[Path, Pat
     writes, about 20% with a lateral that selection skips), a folder of broken files and one of
     valid images that selection skips. Class names do not appear in the archive's paths.
     """
-    from tasks.synth import write_broken, write_corpus, write_unselected
+    from tasks.dicom.synth import write_broken, write_corpus, write_unselected
 
     archive = directory / "studies.zip"
     truth = directory / "studies_truth.csv"
@@ -480,7 +480,7 @@ def run_demo(
     archive, truth_csv, archive_counts = write_archive(directory, plan, seed)
     _stage("archive", "writing archive", done=True)
     _stage("trainset", "writing train set", total=None)
-    from tasks.synth import write_corpus
+    from tasks.dicom.synth import write_corpus
 
     write_corpus(
         directory / "training",

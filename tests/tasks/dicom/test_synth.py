@@ -9,8 +9,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from tasks import synth
-from tasks.decoders import PixelLayout, correct_stored_bits
+from tasks.dicom import synth
+from tasks.dicom.decoders import PixelLayout, correct_stored_bits
 
 LOSSLESS = [s for s in synth.SYNTAXES if s not in synth.LOSSY]
 

@@ -407,7 +407,7 @@ def serve(
         argv = [
             sys.executable,
             "-c",
-            "import sys, flows.serve as s; s.run_deployments(sys.argv[1])",
+            "import sys, cli.serve as s; s.run_deployments(sys.argv[1])",
         ]
         runner = subprocess.Popen(
             _child_command([*argv, json.dumps(spec)]),
@@ -485,7 +485,7 @@ def serve_command(
     limit: Annotated[int, typer.Option("--limit", help="Flow runs executing at once")] = 2,
 ) -> None:
     """Run the nightly schedule (and on-demand reprocess/train) with a local Prefect server."""
-    from flows.demo import exit_on_error
+    from cli.demo import exit_on_error
 
     with exit_on_error(ServeError, reason=str, stderr=err_console):
         serve(

@@ -21,10 +21,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from cli.demo import demo_command, train_command
+from cli.fanout import cli as fanout_cli
+from cli.serve import serve_command
 from flows.common import fatal_reason, quiet_console
-from flows.demo import demo_command, train_command
-from flows.fanout_cli import cli as fanout_cli
-from flows.serve import serve_command
 
 app = typer.Typer(
     name="cxr-screen",
@@ -225,8 +225,8 @@ def _import_ahead() -> None:
 
 
 def _start_server():
-    """Prefect's temporary server, booting while this process imports (see flows.local_server)."""
-    from flows.local_server import start_local_server
+    """Prefect's temporary server, booting while this process imports (see cli.server)."""
+    from cli.server import start_local_server
 
     try:
         return start_local_server()
@@ -237,7 +237,7 @@ def _start_server():
 def _wait_server(server) -> None:
     if server is None:
         return
-    from flows.local_server import LocalServerError
+    from cli.server import LocalServerError
 
     try:
         server.wait_ready()
