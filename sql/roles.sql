@@ -39,7 +39,13 @@ $grants$;
 
 -- Reviews are append-only for reviewers: INSERT of the review columns only (the id and
 -- created_at come from their defaults). Reading reviews goes through v_latest_reviews.
-GRANT INSERT (study_instance_uid, model_id, decision, reviewer, note) ON reviews TO cxr_reviewer;
+GRANT INSERT (study_instance_uid, model_id, decision, reviewer, note, reason) ON reviews
+    TO cxr_reviewer;
+
+-- The review web page's login reads its users (names, argon2 password hashes, active);
+-- a reviewer login can read them, never add or change one (`cxr-screen web adduser` runs as
+-- the owner).
+GRANT SELECT ON web_users TO cxr_reviewer;
 
 -- Read-only: the schema version, and the id of the review just inserted (see above).
 GRANT SELECT ON alembic_version TO cxr_reviewer;

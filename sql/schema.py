@@ -283,6 +283,7 @@ class Review(Base):
     reviewer: Mapped[str]
     note: Mapped[str | None]
     created_at: Mapped[dt.datetime] = mapped_column(server_default=sa.func.now())
+    reason: Mapped[str | None]  # why a reviewer disagreed (one of a short list; 0004)
 
 
 class UidConflict(Base):
@@ -354,6 +355,25 @@ class ShardManifest(Base):
     error: Mapped[str | None]
     created_at: Mapped[dt.datetime] = mapped_column(server_default=sa.func.now())
     updated_at: Mapped[dt.datetime]
+
+
+# -- the review web page (web/, revision 0004) -----------------------------------------------
+
+
+class WebUser(Base):
+    """A login of the review web page: its name (recorded as the reviewer of its decisions)
+    and an argon2 hash of its password (``cxr-screen web adduser``). Read by the web page's
+    login (the PostgreSQL ``cxr_reviewer`` role may read it, not change it)."""
+
+    __tablename__ = "web_users"
+    __table_args__ = (sa.UniqueConstraint("username"),)
+
+    user_id: Mapped[int] = mapped_column(sa.Integer, sa.Identity(), primary_key=True)
+    username: Mapped[str]
+    password_hash: Mapped[str]
+    active: Mapped[bool] = mapped_column(server_default=sa.true())
+    created_at: Mapped[dt.datetime] = mapped_column(server_default=sa.func.now())
+    updated_at: Mapped[dt.datetime] = mapped_column(server_default=sa.func.now())
 
 
 metadata = Base.metadata

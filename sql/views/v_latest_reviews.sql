@@ -9,7 +9,8 @@ SELECT
     r.created_at,
     r.model_id,
     m.name AS model_name,
-    m.version AS model_version
+    m.version AS model_version,
+    r.reason
 FROM (
     SELECT
         rv.study_instance_uid,
@@ -19,6 +20,7 @@ FROM (
         rv.note,
         rv.created_at,
         rv.model_id,
+        rv.reason,
         ROW_NUMBER() OVER (
             PARTITION BY rv.study_instance_uid
             ORDER BY rv.created_at DESC, rv.review_id DESC

@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import mixed_shard, model_metadata, sha
 
-from sql import db, writes
+from sql import db, predictions, runs, shards
 
 VIEWS = sorted(p.stem for p in (Path(db.__file__).parent / "views").glob("*.sql"))
 STUDY = "1.2.826.0.1.3680043.2.0"
@@ -19,12 +19,14 @@ def reviewer_db(module_pg_url):
     engine = db.connect(module_pg_url)
     Session = db.session_factory(engine)
     with Session.begin() as session:
-        model_id = writes.register_model(session, model_metadata(), sha("ckpt"))
-        run_id = writes.start_run(session, kind="demo", model_id=model_id)
-        result = writes.write_shard(
+        model_id = runs.register_model(session, model_metadata(), sha("ckpt"))
+        run_id = runs.start_run(session, kind="demo", model_id=model_id)
+        result = shards.write_shard(
             session, run_id=run_id, model_id=model_id, **mixed_shard(0, 10).kwargs()
         )
-        writes.upsert_study_predictions(session, model_id, run_id, study_uids=result.study_uids)
+        predictions.upsert_study_predictions(
+            session, model_id, run_id, study_uids=result.study_uids
+        )
     db.apply_reviewer_role(engine)
     db.apply_reviewer_role(engine)  # idempotent
     yield engine
@@ -82,11 +84,27 @@ def test_reviewer_appends_reviews(reviewer_db):
         f"VALUES (99, '{STUDY}', 'agree', 'x')",
         "INSERT INTO models (name) VALUES ('x')",
         "CREATE TABLE scratch (x int)",
+        "INSERT INTO web_users (username, password_hash) VALUES ('mallory', 'x')",
+        "UPDATE web_users SET password_hash = 'x'",
+        "DELETE FROM web_users",
     ],
 )
 def test_reviewer_cannot_read_base_tables_or_change_results(reviewer_db, sql):
     with pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
         as_reviewer(reviewer_db, sql)
+
+
+def test_reviewer_reads_web_users_and_records_a_disagreement_reason(reviewer_db):
+    """The review web page logs in against web_users and records why a reviewer disagreed."""
+    as_reviewer(reviewer_db, "SELECT username, password_hash, active FROM web_users")
+    as_reviewer(
+        reviewer_db,
+        "INSERT INTO reviews (study_instance_uid, decision, reviewer, reason) "
+        f"VALUES ('{STUDY}', 'disagree', 'bob', 'artefact')",
+        commit=True,
+    )
+    rows = as_reviewer(reviewer_db, "SELECT decision, reason FROM v_reviews WHERE reviewer = 'bob'")
+    assert [tuple(r) for r in rows] == [("disagree", "artefact")]
 
 
 def test_reviewer_role_needs_postgresql(sqlite_url):
