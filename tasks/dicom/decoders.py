@@ -47,6 +47,7 @@ from pydicom.uid import (
 )
 
 from tasks.dicom.outcomes import InputError
+from tasks.dicom.tags import label
 
 NATIVE_SYNTAXES = (
     ImplicitVRLittleEndian,
@@ -161,7 +162,7 @@ def _decode_full(ds: Dataset, tsyntax: UID) -> tuple[np.ndarray, str, list[str]]
         decoder = get_decoder(tsyntax)
     except NotImplementedError:
         raise InputError(
-            f"(0002,0010) 'Transfer Syntax UID' value '{tsyntax}' ({tsyntax.name}) is not "
+            f"{label('TransferSyntaxUID')} value '{tsyntax}' ({tsyntax.name}) is not "
             "supported: no pixel data decoder exists for it"
         ) from None
     options = {"correct_unused_bits": False}
@@ -176,7 +177,7 @@ def _decode_full(ds: Dataset, tsyntax: UID) -> tuple[np.ndarray, str, list[str]]
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies) or "no plugin installed"
         raise InputError(
-            f"(0002,0010) 'Transfer Syntax UID' value '{tsyntax}' ({tsyntax.name}) cannot be "
+            f"{label('TransferSyntaxUID')} value '{tsyntax}' ({tsyntax.name}) cannot be "
             f"decoded: no decoder plugin is available ({missing})"
         )
     available = decoder.available_plugins
@@ -338,13 +339,13 @@ def _reduced_j2k(
     elif hdr.precision != layout.bits_stored or hdr.signed != layout.signed:
         why = (
             f"codestream precision/signedness {hdr.precision}/{hdr.signed} differs from "
-            f"(0028,0101) 'Bits Stored' {layout.bits_stored} / (0028,0103) 'Pixel "
-            f"Representation' {int(layout.signed)}"
+            f"{label('BitsStored')} {layout.bits_stored} / {label('PixelRepresentation')} "
+            f"{int(layout.signed)}"
         )
     elif (hdr.x1 - hdr.x0, hdr.y1 - hdr.y0) != (layout.columns, layout.rows):
         why = (
-            f"codestream size {hdr.x1 - hdr.x0}x{hdr.y1 - hdr.y0} differs from (0028,0011) "
-            f"'Columns' x (0028,0010) 'Rows' {layout.columns}x{layout.rows}"
+            f"codestream size {hdr.x1 - hdr.x0}x{hdr.y1 - hdr.y0} differs from "
+            f"{label('Columns')} x {label('Rows')} {layout.columns}x{layout.rows}"
         )
     if why:
         notes["reduced_fallback"] = why
@@ -381,8 +382,8 @@ def _reduced_jpeg(
         return None
     if im.size != (layout.columns, layout.rows):
         notes["reduced_fallback"] = (
-            f"JPEG frame size {im.size[0]}x{im.size[1]} differs from (0028,0011) 'Columns' "
-            f"x (0028,0010) 'Rows' {layout.columns}x{layout.rows}"
+            f"JPEG frame size {im.size[0]}x{im.size[1]} differs from {label('Columns')} "
+            f"x {label('Rows')} {layout.columns}x{layout.rows}"
         )
         return None
     need_rows, need_cols = min_shape

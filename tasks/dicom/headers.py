@@ -45,7 +45,6 @@ from typing import Any, BinaryIO
 
 import pydicom
 from pydicom.charset import convert_encodings, decode_bytes
-from pydicom.datadict import dictionary_description
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.multival import MultiValue
@@ -54,6 +53,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from tasks.dicom.discovery import SourceFile
 from tasks.dicom.outcomes import InputError, SkipReason
+from tasks.dicom.tags import label, labels
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -295,7 +295,7 @@ def _header(
     media_class = _str(meta.get("MediaStorageSOPClassUID"))
     if media_class == MEDIA_STORAGE_DIRECTORY:
         raise SkipReason(
-            f"(0002,0002) 'Media Storage SOP Class UID' is {MEDIA_STORAGE_DIRECTORY} "
+            f"{label('MediaStorageSOPClassUID')} is {MEDIA_STORAGE_DIRECTORY} "
             "(Media Storage Directory Storage): a DICOMDIR index, not an image"
         )
     short_tag = _short_element(ds)  # before any value is converted (which drops raw lengths)
@@ -308,13 +308,13 @@ def _header(
         raise
     missing = [kw for kw, value in uids.items() if value is None]
     if not has_preamble and missing:
-        raise InputError(_not_dicom(f"parsing it gives no {_labels(missing, ' or ')}"))
+        raise InputError(_not_dicom(f"parsing it gives no {labels(missing, ' or ')}"))
     if guard.short_at is not None or short_tag is not None:
         raise InputError(_truncated(guard, ds, short_tag))
     if missing:
         verb = "is" if len(missing) == 1 else "are"
         raise InputError(
-            f"{_labels(missing)} {verb} missing or empty; the instance cannot be identified"
+            f"{labels(missing)} {verb} missing or empty; the instance cannot be identified"
         )
 
     transfer_syntax = _str(meta.get("TransferSyntaxUID"))
@@ -329,7 +329,7 @@ def _header(
                 else ExplicitVRBigEndian
             )
             notes.append(
-                "no (0002,0010) 'Transfer Syntax UID' in the file meta; "
+                f"no {label('TransferSyntaxUID')} in the file meta; "
                 f"{pydicom.uid.UID(transfer_syntax).name} inferred from the data set"
             )
     view, view_source = _view(ds)
@@ -364,20 +364,11 @@ def _header(
 # --- values ------------------------------------------------------------------------------------
 
 
-def _label(keyword: str) -> str:
-    tag = Tag(keyword)
-    return f"({tag.group:04X},{tag.element:04X}) '{dictionary_description(tag)}'"
-
-
-def _labels(keywords: list[str], joiner: str = ", ") -> str:
-    return joiner.join(_label(kw) for kw in keywords)
-
-
 def _value(ds: Dataset, keyword: str) -> Any:
     try:
         return ds.get(keyword)
     except Exception as exc:  # pydicom's value conversion raises several types
-        raise InputError(f"A {_label(keyword)} value cannot be read: {_exc_text(exc)}") from exc
+        raise InputError(f"A {label(keyword)} value cannot be read: {_exc_text(exc)}") from exc
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -408,22 +399,22 @@ def _uid(ds: Dataset, keyword: str, notes: list[str] | None) -> str | None:
         return None
     if isinstance(value, MultiValue):
         raise InputError(
-            f"A {_label(keyword)} has {len(value)} values; an instance UID must have one"
+            f"A {label(keyword)} has {len(value)} values; an instance UID must have one"
         )
     text = str(value).strip(" \x00")
     if not text:
         return None
     if len(text) > 64 or not _PRINTABLE.match(text):
         raise InputError(
-            f"A {_label(keyword)} value of {text[:80]!r} is invalid, it must be at most 64 "
+            f"A {label(keyword)} value of {text[:80]!r} is invalid, it must be at most 64 "
             "characters of digits separated by dots"
         )
     if not _UID.match(text):
         # Seen in the wild (broken anonymisers write hashes); usable as a key, so kept.
         if notes is None:
-            raise InputError(f"A {_label(keyword)} value of {text!r} is not a UID")
+            raise InputError(f"A {label(keyword)} value of {text!r} is not a UID")
         notes.append(
-            f"A {_label(keyword)} value of {text!r} is not a conformant UID (digits separated "
+            f"A {label(keyword)} value of {text!r} is not a conformant UID (digits separated "
             "by dots); used as is"
         )
     return text
@@ -435,13 +426,13 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
     if isinstance(value, MultiValue):
         if len(value) != 1:
-            raise InputError(f"A {_label(keyword)} has {len(value)} values; it must have one")
+            raise InputError(f"A {label(keyword)} has {len(value)} values; it must have one")
         value = value[0]
     try:
         return int(value)
     except (TypeError, ValueError) as exc:
         raise InputError(
-            f"A {_label(keyword)} value of {str(value)[:40]!r} is invalid, it must be an integer"
+            f"A {label(keyword)} value of {str(value)[:40]!r} is invalid, it must be an integer"
         ) from exc
 
 
@@ -454,7 +445,7 @@ def _date(ds: Dataset, keyword: str, notes: list[str]) -> date | None:
         return datetime.strptime(digits, "%Y%m%d").date()
     except ValueError:
         notes.append(
-            f"A {_label(keyword)} value of {text[:20]!r} is not a valid date (YYYYMMDD); "
+            f"A {label(keyword)} value of {text[:20]!r} is not a valid date (YYYYMMDD); "
             "recorded as missing"
         )
         return None
@@ -555,21 +546,13 @@ def _truncated(guard: _Guard, ds: Dataset | None, tag: int | None = None) -> str
         little = True if ds is None else ds.original_encoding[1] is not False
         tag = guard.short_tag(little)
     if tag is not None:
-        t = Tag(tag)
-        where = f" inside ({t.group:04X},{t.element:04X}) '{_tag_name(t)}'"
+        where = f" inside {label(tag)}"
     elif guard.short_at is not None:
         where = f" inside a data element that starts near byte {guard.short_at:,}"
     else:
         where = ""
     missing = f", {guard.short_by:,} bytes short" if guard.short_by else ""
     return f"the file is truncated: it ends{where} before the pixel data{missing}"
-
-
-def _tag_name(tag: int) -> str:
-    try:
-        return dictionary_description(tag)
-    except KeyError:
-        return "private or unknown element"
 
 
 def _size_of(fp: BinaryIO) -> int:

@@ -39,7 +39,6 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 from pydicom import dcmread
-from pydicom.datadict import dictionary_description, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -49,6 +48,7 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 from model.spec import PreprocessSpec
 from tasks.dicom.decoders import Decoded, PixelLayout, decode
 from tasks.dicom.outcomes import InputError
+from tasks.dicom.tags import label, tag_id
 from tasks.dicom.thumbnails import thumbnail_shape
 
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -249,7 +249,7 @@ def _parse(open_fp: Callable[[], Any]) -> Dataset:
     if "PixelData" not in ds and "SOPClassUID" not in ds:
         raise InputError(
             "not a DICOM file: no 'DICM' prefix at byte 128 and no recognisable data set "
-            "(no (0008,0016) 'SOP Class UID' or (7FE0,0010) 'Pixel Data')"
+            f"(no {label('SOPClassUID')} or {label('PixelData')})"
         )
     return ds
 
@@ -273,7 +273,7 @@ def transfer_syntax(ds: Dataset, facts: dict[str, Any]) -> tuple[Dataset, UID]:
         return ds, uid
     if "PixelData" in ds and ds["PixelData"].is_undefined_length:
         raise InputError(
-            "(0002,0010) 'Transfer Syntax UID' is missing and (7FE0,0010) 'Pixel Data' is "
+            f"{label('TransferSyntaxUID')} is missing and {label('PixelData')} is "
             "encapsulated, so its compression cannot be known"
         )
     implicit, little = ds.original_encoding
@@ -302,97 +302,88 @@ def check_supported(tsyntax: UID) -> None:
     except NotImplementedError:
         kind = tsyntax.name if tsyntax.is_transfer_syntax else "unknown or private"
         raise InputError(
-            f"(0002,0010) 'Transfer Syntax UID' value '{tsyntax}' ({kind}) is not supported: "
+            f"{label('TransferSyntaxUID')} value '{tsyntax}' ({kind}) is not supported: "
             "no pixel data decoder exists for it"
         ) from None
     if not decoder.is_native and not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies) or "no plugin installed"
         raise InputError(
-            f"(0002,0010) 'Transfer Syntax UID' value '{tsyntax}' ({tsyntax.name}) cannot be "
+            f"{label('TransferSyntaxUID')} value '{tsyntax}' ({tsyntax.name}) cannot be "
             f"decoded: no decoder plugin is available ({missing})"
         )
 
 
-def _required_int(ds: Dataset, keyword: str, tag: str) -> int:
+def _required_int(ds: Dataset, keyword: str) -> int:
     value = ds.get(keyword)
     if value is None or value == "":
-        raise InputError(f"{tag} '{_label(keyword)}' is missing; it is required to read the pixels")
+        raise InputError(f"{label(keyword)} is missing; it is required to read the pixels")
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise InputError(f"{tag} '{_label(keyword)}' value '{value}' is not an integer") from None
-
-
-def _label(keyword: str) -> str:
-    return dictionary_description(tag_for_keyword(keyword))
+        raise InputError(f"{label(keyword)} value '{value}' is not an integer") from None
 
 
 def check_image(ds: Dataset, tsyntax: UID, max_pixels: int) -> tuple[PixelLayout, str]:
     """Validate the pixel attributes before any decoding; InputError names what is wrong."""
     if "PixelData" not in ds:
-        for tag, keyword in (
-            ("(7FE0,0008)", "FloatPixelData"),
-            ("(7FE0,0009)", "DoubleFloatPixelData"),
-        ):
+        for keyword in ("FloatPixelData", "DoubleFloatPixelData"):
             if keyword in ds:
                 raise InputError(
-                    f"{tag} '{_label(keyword)}' is not supported: integer (7FE0,0010) 'Pixel "
-                    "Data' is required"
+                    f"{label(keyword)} is not supported: integer {label('PixelData')} is required"
                 )
-        raise InputError("(7FE0,0010) 'Pixel Data' is missing: the data set holds no image")
-    rows = _required_int(ds, "Rows", "(0028,0010)")
-    columns = _required_int(ds, "Columns", "(0028,0011)")
-    bits_allocated = _required_int(ds, "BitsAllocated", "(0028,0100)")
-    bits_stored = _required_int(ds, "BitsStored", "(0028,0101)")
-    pixel_representation = _required_int(ds, "PixelRepresentation", "(0028,0103)")
+        raise InputError(f"{label('PixelData')} is missing: the data set holds no image")
+    rows = _required_int(ds, "Rows")
+    columns = _required_int(ds, "Columns")
+    bits_allocated = _required_int(ds, "BitsAllocated")
+    bits_stored = _required_int(ds, "BitsStored")
+    pixel_representation = _required_int(ds, "PixelRepresentation")
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     frames_value = ds.get("NumberOfFrames", 1)
     try:
         frames = int(frames_value or 1)
     except (TypeError, ValueError):
         raise InputError(
-            f"(0028,0008) 'Number of Frames' value '{frames_value}' is not an integer"
+            f"{label('NumberOfFrames')} value '{frames_value}' is not an integer"
         ) from None
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
 
     if rows < 1 or columns < 1:
         raise InputError(
-            f"(0028,0010) 'Rows' x (0028,0011) 'Columns' value {rows} x {columns} is invalid, "
+            f"{label('Rows')} x {label('Columns')} value {rows} x {columns} is invalid, "
             "both must be at least 1"
         )
     if bits_allocated not in (8, 16, 32):
         raise InputError(
-            f"(0028,0100) 'Bits Allocated' value '{bits_allocated}' is not supported, it must "
+            f"{label('BitsAllocated')} value '{bits_allocated}' is not supported, it must "
             "be 8, 16 or 32 for a grayscale radiograph"
         )
     if not 1 <= bits_stored <= bits_allocated:
         raise InputError(
-            f"(0028,0101) 'Bits Stored' value '{bits_stored}' is invalid, it must be between 1 "
-            f"and (0028,0100) 'Bits Allocated' ({bits_allocated})"
+            f"{label('BitsStored')} value '{bits_stored}' is invalid, it must be between 1 "
+            f"and {label('BitsAllocated')} ({bits_allocated})"
         )
     if pixel_representation not in (0, 1):
         raise InputError(
-            f"(0028,0103) 'Pixel Representation' value '{pixel_representation}' is invalid, it "
+            f"{label('PixelRepresentation')} value '{pixel_representation}' is invalid, it "
             "must be 0 (unsigned) or 1 (signed)"
         )
     if frames < 1:
-        raise InputError(f"(0028,0008) 'Number of Frames' value '{frames}' must be at least 1")
+        raise InputError(f"{label('NumberOfFrames')} value '{frames}' must be at least 1")
     total = rows * columns * frames * samples
     if total > max_pixels:
         raise InputError(
-            f"image size (0028,0010) 'Rows' {rows} x (0028,0011) 'Columns' {columns} x "
+            f"image size {label('Rows')} {rows} x {label('Columns')} {columns} x "
             f"{frames} frame(s) x {samples} sample(s) = {total} samples "
             f"({total * bits_allocated // 8} bytes) exceeds the limit of {max_pixels} samples"
         )
     if frames > 1:
         raise InputError(
-            f"(0028,0008) 'Number of Frames' value '{frames}' is not supported: single-frame "
-            "images only"
+            f"{label('NumberOfFrames')} value '{frames}' is not supported: single-frame images only"
         )
     if samples != 1 or photometric not in GRAYSCALE:
         raise InputError(
-            f"(0028,0004) 'Photometric Interpretation' value '{photometric or '(missing)'}' with "
-            f"(0028,0002) 'Samples per Pixel' {samples} is not grayscale: the preprocessing "
+            f"{label('PhotometricInterpretation')} value '{photometric or '(missing)'}' with "
+            f"{label('SamplesPerPixel')} {samples} is not grayscale: the preprocessing "
             "spec needs MONOCHROME1 or MONOCHROME2"
         )
     if not tsyntax.is_encapsulated:
@@ -400,7 +391,7 @@ def check_image(ds: Dataset, tsyntax: UID, max_pixels: int) -> tuple[PixelLayout
         have = len(ds.PixelData)
         if have < expected:
             raise InputError(
-                f"(7FE0,0010) 'Pixel Data' is truncated: {have} bytes present, {expected} "
+                f"{label('PixelData')} is truncated: {have} bytes present, {expected} "
                 f"expected for {rows} x {columns} pixels of {bits_allocated} bits"
             )
     layout = PixelLayout(rows, columns, bits_allocated, bits_stored, bool(pixel_representation))
@@ -528,7 +519,7 @@ class Transform:
 def modality_transform(ds: Dataset, layout: PixelLayout) -> Transform:
     """Stored values to modality values: Modality LUT Sequence, else Rescale Slope/Intercept."""
     if "ModalityLUTSequence" in ds and len(ds.ModalityLUTSequence):
-        first, data, bits = _lut(ds.ModalityLUTSequence[0], "(0028,3000) 'Modality LUT Sequence'")
+        first, data, bits = _lut(ds.ModalityLUTSequence[0], label("ModalityLUTSequence"))
         last = len(data) - 1
         lut = data.astype(np.float64)
 
@@ -540,13 +531,13 @@ def modality_transform(ds: Dataset, layout: PixelLayout) -> Transform:
             facts["rescale_ignored"] = True
         return Transform(apply_lut, facts)
 
-    slope = _float_or(ds, "RescaleSlope", "(0028,1053)", 1.0)
-    intercept = _float_or(ds, "RescaleIntercept", "(0028,1052)", 0.0)
+    slope = _float_or(ds, "RescaleSlope", 1.0)
+    intercept = _float_or(ds, "RescaleIntercept", 0.0)
     if slope == 0.0 or not math.isfinite(slope) or not math.isfinite(intercept):
         raise InputError(
-            f"(0028,1053) 'Rescale Slope' value '{ds.get('RescaleSlope')}' / (0028,1052) "
-            f"'Rescale Intercept' value '{ds.get('RescaleIntercept')}' is invalid: the slope "
-            "must be a finite non-zero number and the intercept finite"
+            f"{label('RescaleSlope')} value '{ds.get('RescaleSlope')}' / "
+            f"{label('RescaleIntercept')} value '{ds.get('RescaleIntercept')}' is invalid: "
+            "the slope must be a finite non-zero number and the intercept finite"
         )
     facts = {"source": "rescale" if ("RescaleSlope" in ds or "RescaleIntercept" in ds) else "none"}
     facts.update(slope=slope, intercept=intercept)
@@ -557,27 +548,27 @@ def modality_transform(ds: Dataset, layout: PixelLayout) -> Transform:
     return Transform(apply_rescale, facts, increasing=slope > 0)
 
 
-def _float_or(ds: Dataset, keyword: str, tag: str, default: float) -> float:
+def _float_or(ds: Dataset, keyword: str, default: float) -> float:
     value = ds.get(keyword)
     if value is None or value == "":
         return default
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise InputError(f"{tag} '{_label(keyword)}' value '{value}' is not a number") from None
+        raise InputError(f"{label(keyword)} value '{value}' is not a number") from None
 
 
 def _lut(item: Dataset, where: str) -> tuple[int, np.ndarray, int]:
     """(first mapped value, LUT data, output bits) of a LUT item (PS3.3 C.11.1/C.11.2)."""
     desc = item.get("LUTDescriptor")
     if desc is None or len(desc) != 3:
-        raise InputError(f"{where} item 1 (0028,3002) 'LUT Descriptor' '{desc}' must have 3 values")
+        raise InputError(f"{where} item 1 {label('LUTDescriptor')} '{desc}' must have 3 values")
     entries, first, bits = (int(v) for v in desc)
     entries = entries or 65536
     if item["LUTDescriptor"].VR == "US" and first >= 1 << 15:
         first -= 1 << 16  # descriptor stored as US although the input is signed
     if "LUTData" not in item:
-        raise InputError(f"{where} item 1 (0028,3006) 'LUT Data' is missing")
+        raise InputError(f"{where} item 1 {label('LUTData')} is missing")
     raw = item.LUTData
     if isinstance(raw, bytes | bytearray):
         data = np.frombuffer(raw, dtype="<u2" if bits > 8 or item["LUTData"].VR == "OW" else "u1")
@@ -587,8 +578,8 @@ def _lut(item: Dataset, where: str) -> tuple[int, np.ndarray, int]:
         data = np.fromiter(raw, dtype=np.int64, count=len(raw))
     if len(data) < entries:
         raise InputError(
-            f"{where} item 1 (0028,3006) 'LUT Data' has {len(data)} entries, fewer than the "
-            f"{entries} declared in (0028,3002) 'LUT Descriptor'"
+            f"{where} item 1 {label('LUTData')} has {len(data)} entries, fewer than the "
+            f"{entries} declared in {label('LUTDescriptor')}"
         )
     return first, data[:entries], bits
 
@@ -620,7 +611,7 @@ def voi_transform(
 
 
 def _voi_lut(item: Dataset) -> Transform:
-    first, data, bits = _lut(item, "(0028,3010) 'VOI LUT Sequence'")
+    first, data, bits = _lut(item, label("VOILUTSequence"))
     top = float((1 << bits) - 1)
     peak = int(data.max()) if len(data) else 0
     scale = top if peak <= top else float((1 << int(peak).bit_length()) - 1)
@@ -653,21 +644,23 @@ def _window(ds: Dataset) -> Transform | str:
         width = float(_first(ds.WindowWidth))
     except (TypeError, ValueError, IndexError):
         return (
-            f"(0028,1050) 'Window Center' '{ds.WindowCenter}' / (0028,1051) 'Window Width' "
+            f"{label('WindowCenter')} '{ds.WindowCenter}' / {label('WindowWidth')} "
             f"'{ds.WindowWidth}' is not numeric"
         )
     function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
     if function not in VOI_FUNCTIONS:
         return (
-            f"(0028,1056) 'VOI LUT Function' value '{function}' is not one of "
-            f"{', '.join(VOI_FUNCTIONS)}"
+            f"{label('VOILUTFunction')} value '{function}' is not one of {', '.join(VOI_FUNCTIONS)}"
         )
     if not (math.isfinite(centre) and math.isfinite(width)):
-        return f"(0028,1050)/(0028,1051) window {centre}/{width} is not finite"
+        return (
+            f"{tag_id('WindowCenter')}/{tag_id('WindowWidth')} window {centre}/{width} is not "
+            "finite"
+        )
     minimum = 1.0 if function == "LINEAR" else 0.0
     if width < minimum or (function != "LINEAR" and width == 0):
         rule = ">= 1" if function == "LINEAR" else "> 0"
-        return f"(0028,1051) 'Window Width' value '{width:g}' is invalid, it must be {rule}"
+        return f"{label('WindowWidth')} value '{width:g}' is invalid, it must be {rule}"
     facts = {"source": "window", "center": centre, "width": width, "function": function}
     if ds["WindowCenter"].VM > 1:
         facts["windows_available"] = int(ds["WindowCenter"].VM)  # the first one is used
@@ -726,10 +719,10 @@ def _percentile_window(spec: PreprocessSpec, modality: Transform, stats: StoredV
 def inversion(ds: Dataset, photometric: str) -> tuple[bool, str | None]:
     """Whether to invert after the VOI so that higher output means brighter (bone)."""
     if photometric == "MONOCHROME1":
-        return True, "(0028,0004) 'Photometric Interpretation' MONOCHROME1"
+        return True, f"{label('PhotometricInterpretation')} MONOCHROME1"
     shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
     if shape == "INVERSE":
-        return True, "(2050,0020) 'Presentation LUT Shape' INVERSE"
+        return True, f"{label('PresentationLUTShape')} INVERSE"
     return False, None
 
 
