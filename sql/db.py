@@ -6,7 +6,7 @@ environment. Typical use::
     engine = connect(url)                     # engine + migrations on first use
     Session = session_factory(engine)
     with Session.begin() as session:          # one transaction, committed on exit
-        run_id = writes.start_run(session, kind="nightly", ...)
+        run_id = runs.start_run(session, kind="nightly", ...)
 
 SQLite gets WAL, foreign keys, a busy timeout and transactions that start with
 ``BEGIN IMMEDIATE`` (so that concurrent writers wait for each other instead of failing with
@@ -36,6 +36,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from sql.errors import is_insufficient_privilege
+
 logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -44,7 +46,6 @@ SQLITE_BUSY_TIMEOUT_S = 60.0
 # pg_advisory_xact_lock key that serialises concurrent first-use migrations ("cxr-scrn").
 _MIGRATION_LOCK_KEY = 0x6378722D7363726E
 SQLITE_FILE_MODE = 0o600  # a new results file: owner-only (it holds identifying data)
-_INSUFFICIENT_PRIVILEGE = "42501"  # PostgreSQL SQLSTATE
 
 
 def normalize_url(url: str) -> sa.URL:
@@ -150,12 +151,6 @@ def current_revision(engine: Engine) -> str | None:
     """The database's Alembic revision, or None for an empty database."""
     with engine.connect().execution_options(sqlite_begin="DEFERRED") as conn:
         return MigrationContext.configure(conn).get_current_revision()
-
-
-def is_insufficient_privilege(exc: BaseException) -> bool:
-    """True for PostgreSQL's "permission denied" / "must be owner" errors (SQLSTATE 42501)."""
-    orig = getattr(exc, "orig", None)
-    return getattr(orig, "sqlstate", None) == _INSUFFICIENT_PRIVILEGE
 
 
 @contextlib.contextmanager

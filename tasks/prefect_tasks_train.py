@@ -11,22 +11,16 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import retry_on_transient_db_error
 from model.checkpoint import Checkpoint
 from model.spec import PreprocessSpec
 from model.training import TrainConfig, TrainResult, build_and_train
+from sql.errors import DB_RETRIES
 from tasks import training_run
 from tasks.dicom.selection import SelectionPolicy
 from tasks.training_data import Progress, TrainingData, build_training_data
 
-_DB_RETRIES = dict(
-    retries=4,
-    retry_delay_seconds=[1, 3, 10, 30],
-    retry_condition_fn=retry_on_transient_db_error,
-)
 
-
-@task(name="check-database", cache_policy=NO_CACHE, **_DB_RETRIES)
+@task(name="check-database", cache_policy=NO_CACHE, **DB_RETRIES)
 def check_database(database_url: str, name: str, version: str | None) -> None:
     training_run.check_database(database_url, name, version)
 
@@ -75,12 +69,12 @@ def save_checkpoint(checkpoint: Checkpoint, out: str) -> str:
     return checkpoint.save(out)
 
 
-@task(name="record-training", cache_policy=NO_CACHE, **_DB_RETRIES)
+@task(name="record-training", cache_policy=NO_CACHE, **DB_RETRIES)
 def record_training(database_url: str, checkpoint: Checkpoint, **run: Any) -> tuple[int, int]:
     """``training_run.record_training``: ``run`` holds its keyword arguments."""
     return training_run.record_training(database_url, checkpoint, **run)
 
 
-@task(name="record-failed-training", cache_policy=NO_CACHE, **_DB_RETRIES)
+@task(name="record-failed-training", cache_policy=NO_CACHE, **DB_RETRIES)
 def record_failed_training(database_url: str, **run: Any) -> int:
     return training_run.record_failed_training(database_url, **run)
