@@ -35,7 +35,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from sql import db, writes
+from sql import db, predictions, runs, shards, upsert
 
 SHARD = 256  # files per write_shard call, as in the pipeline
 PRE_SHA = hashlib.sha256(b"bench preprocessing").hexdigest()
@@ -152,17 +152,17 @@ def bench(url: str, n: int, repeat: int, shard_files: int) -> list:
     try:
         with Session.begin() as session:
             models = [
-                writes.register_model(
+                runs.register_model(
                     session, _metadata(f"a{r}"), hashlib.sha256(f"a{r}".encode()).hexdigest()
                 )
                 for r in range(repeat + 1)
             ]
-            run_id = writes.start_run(session, kind="demo", model_id=models[0])
+            run_id = runs.start_run(session, kind="demo", model_id=models[0])
         instances = _instances(n, "p")
 
         def load_instances():
             with Session.begin() as session:
-                writes.write_shard(
+                shards.write_shard(
                     session,
                     run_id=run_id,
                     model_id=models[0],
@@ -173,38 +173,43 @@ def bench(url: str, n: int, repeat: int, shard_files: int) -> list:
 
         _timed("instances", n, load_instances, results)
 
-        def upsert(rows, force=False, verify=True):
+        def upsert_predictions(rows, force=False, verify=True):
             def go():
                 with Session.begin() as session:
-                    writes.upsert_image_predictions(session, rows, force=force, verify=verify)
+                    predictions.upsert_image_predictions(session, rows, force=force, verify=verify)
 
             return go
 
         for model_id in models[:repeat]:  # each repetition inserts N rows for a new model
             rows = _prediction_rows(instances, model_id, run_id, 0.0)
-            _timed("insert", n, upsert(rows), results)
-            _timed("no-op", n, upsert(_prediction_rows(instances, model_id, run_id, 0.0)), results)
+            _timed("insert", n, upsert_predictions(rows), results)
+            _timed(
+                "no-op",
+                n,
+                upsert_predictions(_prediction_rows(instances, model_id, run_id, 0.0)),
+                results,
+            )
             rows = _prediction_rows(instances, model_id, run_id, 0.1)
-            _timed("force", n, upsert(rows, force=True), results)
+            _timed("force", n, upsert_predictions(rows, force=True), results)
         expected = repeat * n
         # The same insert without the per-call reference check (write_shard has checked the
         # instances already when it calls this).
         with Session.begin() as session:
             models.append(
-                writes.register_model(session, _metadata("nv"), hashlib.sha256(b"nv").hexdigest())
+                runs.register_model(session, _metadata("nv"), hashlib.sha256(b"nv").hexdigest())
             )
         rows = _prediction_rows(instances, models[-1], run_id, 0.0)
-        _timed("insert-nv", n, upsert(rows, verify=False), results)
+        _timed("insert-nv", n, upsert_predictions(rows, verify=False), results)
         expected += n
         if engine.dialect.name == "postgresql":
-            saved = writes.COPY_THRESHOLD
-            writes.COPY_THRESHOLD = 10**12
+            saved = upsert.COPY_THRESHOLD
+            upsert.COPY_THRESHOLD = 10**12
             try:
                 rows = _prediction_rows(instances, models[repeat], run_id, 0.0)
-                _timed("executemany", n, upsert(rows), results)
+                _timed("executemany", n, upsert_predictions(rows), results)
                 expected += n
             finally:
-                writes.COPY_THRESHOLD = saved
+                upsert.COPY_THRESHOLD = saved
 
         n_files = min(n, shard_files)
         files = _instances(n_files, "s")
@@ -219,7 +224,7 @@ def bench(url: str, n: int, repeat: int, shard_files: int) -> list:
             }
             for i, f in enumerate(files)
         ]
-        predictions = [
+        file_predictions = [
             {
                 "source_uri": f["source_uri"],
                 "sop_instance_uid": f["sop_instance_uid"],
@@ -231,23 +236,23 @@ def bench(url: str, n: int, repeat: int, shard_files: int) -> list:
             for f in files
         ]
 
-        def shards():
+        def write_shards():
             for start in range(0, n_files, SHARD):
                 end = start + SHARD
                 with Session.begin() as session:
-                    result = writes.write_shard(
+                    result = shards.write_shard(
                         session,
                         run_id=run_id,
                         model_id=models[0],
                         instances=files[start:end],
                         outcomes=outcomes[start:end],
-                        predictions=predictions[start:end],
+                        predictions=file_predictions[start:end],
                     )
-                    writes.upsert_study_predictions(
+                    predictions.upsert_study_predictions(
                         session, models[0], run_id, study_uids=result.study_uids
                     )
 
-        _timed("write_shard", n_files, shards, results)
+        _timed("write_shard", n_files, write_shards, results)
         with engine.connect() as conn:
             count = conn.execute(sa.text("SELECT COUNT(*) FROM image_predictions")).scalar_one()
         expected += n_files

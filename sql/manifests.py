@@ -10,7 +10,7 @@ Every function takes a ``Session`` whose transaction the caller owns. The lifecy
     compact_job(...)           # parent: drop the file lists once the job is complete
 
 Planning, claiming and the chunks' ``write_shard`` write the job run's heartbeat
-(``sql.writes.heartbeat``), so a job whose workers make progress is not taken for an abandoned
+(``sql.runs.heartbeat``), so a job whose workers make progress is not taken for an abandoned
 run (and one that was, beats it back to ``running``).
 
 ``record_progress`` refuses (``ManifestLost``) when another claim took the manifest over or the
@@ -20,7 +20,6 @@ worker that lost its manifest (a "zombie" after its replacement started) never d
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,11 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from sql import writes
+from sql.runs import heartbeat
 from sql.schema import Run, ShardManifest
+from sql.upsert import dialect_insert, utc_now
 
 OUTCOME_KEYS = ("predicted", "skipped", "failed")
 
@@ -70,10 +69,6 @@ class Manifest:
         return self.status == "done"
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
 def files_digest(files: Sequence[Mapping[str, Any]]) -> str:
     """sha256 of the file records in canonical JSON (order matters: it is the plan)."""
     text = json.dumps(list(files), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -99,15 +94,6 @@ def _manifest(row: Any, with_files: bool) -> Manifest:
     return Manifest(**data, files=files)
 
 
-def _insert(session: Session, table: sa.Table):
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        return postgresql.insert(table)
-    if dialect == "sqlite":
-        return sqlite.insert(table)
-    raise ValueError(f"unsupported database dialect {dialect!r}; use SQLite or PostgreSQL")
-
-
 def add_manifest(
     session: Session,
     *,
@@ -129,11 +115,11 @@ def add_manifest(
         raise ValueError(f"shard_index should be 0 or more instead of {shard_index}")
     table = _table()
     digest = files_digest(files)
-    now = _now()
+    now = utc_now()
     # The run's row before the manifest's, as in a chunk's transaction (no deadlock).
-    writes.heartbeat(session, run_id, now=now)
+    heartbeat(session, run_id, now=now)
     session.execute(
-        _insert(session, table)
+        dialect_insert(session, table)
         .values(
             job_key=job_key,
             shard_index=shard_index,
@@ -203,7 +189,7 @@ def claim_manifest(
     ).scalar_one_or_none()
     if run_id is not None:
         # The run's row before the manifest's, as in a chunk's transaction (no deadlock).
-        writes.heartbeat(session, run_id)
+        heartbeat(session, run_id)
     session.execute(
         sa.update(table)
         .where(table.c.manifest_id == manifest_id, table.c.status != "done")
@@ -213,7 +199,7 @@ def claim_manifest(
             worker=worker,
             prefect_flow_run_id=prefect_flow_run_id,
             error=None,
-            updated_at=_now(),
+            updated_at=utc_now(),
         )
     )
     return get_manifest(session, manifest_id)
@@ -279,7 +265,7 @@ def record_progress(
             table.c.files_done == files_done_before,
         )
         .values(
-            files_done=done, counts=merged, study_uids=studies, status=status, updated_at=_now()
+            files_done=done, counts=merged, study_uids=studies, status=status, updated_at=utc_now()
         )
     )
     if result.rowcount != 1:  # only reachable on SQLite without the row lock: same message
@@ -297,7 +283,7 @@ def fail_manifest(session: Session, manifest_id: int, *, attempt: int, error: st
             table.c.attempts == attempt,
             table.c.status == "running",
         )
-        .values(status="failed", error=error, updated_at=_now())
+        .values(status="failed", error=error, updated_at=utc_now())
     )
     return result.rowcount == 1
 
@@ -330,7 +316,7 @@ def compact_job(session: Session, job_key: str) -> int:
     result = session.execute(
         sa.update(table)
         .where(table.c.job_key == job_key, table.c.status == "done", table.c.n_files > 0)
-        .values(files=[], updated_at=_now())
+        .values(files=[], updated_at=utc_now())
     )
     return result.rowcount
 
@@ -358,6 +344,6 @@ def reopen_run(session: Session, run_id: int) -> str:
     session.execute(
         sa.update(runs)
         .where(runs.c.run_id == run_id)
-        .values(status="running", finished_at=None, error=None, heartbeat_at=_now())
+        .values(status="running", finished_at=None, error=None, heartbeat_at=utc_now())
     )
     return status

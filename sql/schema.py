@@ -119,7 +119,7 @@ class Run(Base):
 
     ``heartbeat_at`` is the run's last sign of life: set when it starts and refreshed by every
     shard it commits (in the shard's transaction). A ``running`` run whose heartbeat is older
-    than ``sql.writes.STALE_RUN_AFTER`` when another run starts is marked ``abandoned`` (its
+    than ``sql.runs.STALE_RUN_AFTER`` when another run starts is marked ``abandoned`` (its
     process was killed); a later heartbeat from it sets it back to ``running``.
     """
 
@@ -168,8 +168,8 @@ class Study(Base):
 # The three per-file tables (instances, file_outcomes, image_predictions) carry no FOREIGN KEY
 # constraints: on PostgreSQL each one is a trigger call per row (measured ~13-17 us/row, i.e.
 # three of them more than double the cost of a 100k-row bulk upsert). The writers in
-# sql.writes check the references per call instead (the model and run exist; every prediction's
-# instance is stored), and sql.writes.check_integrity() audits the whole database for orphans.
+# sql/ check the references per call instead (the model and run exist; every prediction's
+# instance is stored), and sql.integrity.check_integrity() audits the whole database for orphans.
 
 
 class Instance(Base):

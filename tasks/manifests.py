@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from model.checkpoint import Checkpoint
 from sql import manifests as store
-from sql import writes
+from sql import predictions, runs, shards
 from tasks.dicom.discovery import DEFAULT_LIMITS, ArchiveLimits, SourceFile, discover
 from tasks.dicom.selection import SelectionPolicy
 from tasks.ingest import scan_file
@@ -186,13 +186,13 @@ def open_job(
     source: str,
     parameters: dict[str, Any],
     prefect_flow_run_id: str | None = None,
-    stale_after: dt.timedelta | None = writes.STALE_RUN_AFTER,
+    stale_after: dt.timedelta | None = runs.STALE_RUN_AFTER,
 ) -> Job:
     """Register the model version and start the job's run, or reopen the run of a job planned
     before under the same key (which must use the same model version). Starting a run marks
-    runs whose heartbeat is older than ``stale_after`` abandoned (see ``writes.start_run``)."""
+    runs whose heartbeat is older than ``stale_after`` abandoned (see ``runs.start_run``)."""
     with sessions.begin() as session:
-        model_id = writes.register_model(session, checkpoint.metadata(), checkpoint.sha256 or "")
+        model_id = runs.register_model(session, checkpoint.metadata(), checkpoint.sha256 or "")
         existing = store.job_run(session, job_key)
         if existing is not None:
             run_id, planned_model = existing
@@ -204,7 +204,7 @@ def open_job(
                 )
             status = store.reopen_run(session, run_id)
             return Job(job_key, run_id, model_id, resumed=True, completed=status == "completed")
-        run_id = writes.start_run(
+        run_id = runs.start_run(
             session,
             kind="reprocess",
             source=source,
@@ -234,7 +234,7 @@ def close_job(
     with sessions.begin() as session:
         if forget:
             store.delete_job(session, job.job_key)
-        writes.finish_run(session, job.run_id, "failed" if error else "completed", full, error)
+        runs.finish_run(session, job.run_id, "failed" if error else "completed", full, error)
         if error is None:
             store.compact_job(session, job.job_key)
 
@@ -355,7 +355,7 @@ def screen_manifest(
             nonlocal done
             rows = processor.collect(pending)
             with sessions.begin() as session:
-                written = writes.write_shard(
+                written = shards.write_shard(
                     session,
                     run_id=manifest.run_id,
                     model_id=manifest.model_id,
@@ -365,7 +365,7 @@ def screen_manifest(
                     force=force,
                 )
                 if written.study_uids:
-                    writes.upsert_study_predictions(
+                    predictions.upsert_study_predictions(
                         session,
                         manifest.model_id,
                         manifest.run_id,
@@ -452,7 +452,7 @@ def aggregate_studies(
     """
     for part in batches(study_uids, chunk):
         with sessions.begin() as session:
-            writes.upsert_study_predictions(
+            predictions.upsert_study_predictions(
                 session, model_id, run_id, aggregation, part, force=force
             )
 

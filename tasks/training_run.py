@@ -21,7 +21,7 @@ import torch
 
 from model.checkpoint import Checkpoint
 from model.training import TrainResult
-from sql import writes
+from sql import runs
 from sql.schema import Model
 from tasks.training_data import TrainingData
 
@@ -192,9 +192,9 @@ def record_training(
             model_id = (
                 None
                 if checkpoint is None
-                else writes.register_model(session, checkpoint.metadata(), checkpoint.sha256)
+                else runs.register_model(session, checkpoint.metadata(), checkpoint.sha256)
             )
-            run_id = writes.start_run(
+            run_id = runs.start_run(
                 session,
                 kind="train",
                 source=source,
@@ -205,9 +205,9 @@ def record_training(
                 started_at=started_at,
             )
             if error is None:
-                writes.finish_run(session, run_id, "completed", dict(counts or zero))
+                runs.finish_run(session, run_id, "completed", dict(counts or zero))
             else:
-                writes.finish_run(session, run_id, "failed", dict(counts or zero), error[:2000])
+                runs.finish_run(session, run_id, "failed", dict(counts or zero), error[:2000])
         return model_id, run_id
     finally:
         engine.dispose()

@@ -15,8 +15,8 @@ from fanout_support import HMAC_KEY, assert_same_results, make_model, results, w
 
 from model.checkpoint import load_checkpoint
 from sql import manifests as store
-from sql import writes
 from sql.db import connect, session_factory
+from sql.shards import write_shard
 from tasks import manifests as fan
 from tasks.dicom.discovery import discover
 from tasks.dicom.selection import SelectionPolicy
@@ -252,7 +252,7 @@ def test_a_lost_claim_rolls_back_its_chunk(corpus, db_url, tmp_path):
         pytest.raises(store.ManifestLost, match="claim 1 at file 0.*claim 2"),
         sessions.begin() as session,
     ):
-        written = writes.write_shard(
+        written = write_shard(
             session,
             run_id=job.run_id,
             model_id=job.model_id,

@@ -21,7 +21,7 @@ from reliability_support import (
 )
 
 from model.checkpoint import load_checkpoint
-from sql import db, writes
+from sql import db, predictions, runs, shards
 from tasks.dicom import synth
 
 
@@ -68,16 +68,16 @@ def test_two_shards_of_one_study_at_once_aggregate_both_images(pg_url, model_pat
     sessions = db.session_factory(engine)
     ckpt = load_checkpoint(model_path)
     with sessions.begin() as session:
-        model_id = writes.register_model(session, ckpt.metadata(), ckpt.sha256)
-        run_a = writes.start_run(session, kind="nightly", model_id=model_id)
-        run_b = writes.start_run(session, kind="reprocess", model_id=model_id)
+        model_id = runs.register_model(session, ckpt.metadata(), ckpt.sha256)
+        run_a = runs.start_run(session, kind="nightly", model_id=model_id)
+        run_b = runs.start_run(session, kind="reprocess", model_id=model_id)
     study = "1.2.826.0.1.3680043.10.1"
 
     def write(session, run_id: int, sop: str, score: float) -> None:
-        result = writes.write_shard(
+        result = shards.write_shard(
             session, run_id=run_id, model_id=model_id, **image_rows(study, sop, score)
         )
-        writes.upsert_study_predictions(session, model_id, run_id, "max", result.study_uids)
+        predictions.upsert_study_predictions(session, model_id, run_id, "max", result.study_uids)
 
     with sessions.begin() as session:  # the study is already known (an earlier shard)
         write(session, run_a, f"{study}.0", 0.1)

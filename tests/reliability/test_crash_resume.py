@@ -159,7 +159,7 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(
     assert not consistency_problems(crashed_url)
 
     # Killed runs stay visible as 'running' until their heartbeat is older than
-    # sql.writes.STALE_RUN_AFTER (6 hours) when a later run starts, which then marks them
+    # sql.runs.STALE_RUN_AFTER (6 hours) when a later run starts, which then marks them
     # 'abandoned' (tests/sql/test_sql_run_liveness.py); every other run completed and
     # conserved its files.
     engine = sa.create_engine(crashed_url)

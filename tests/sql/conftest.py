@@ -187,11 +187,11 @@ def Session(engine):
 @pytest.fixture
 def model_run(Session) -> tuple[int, int]:
     """A registered model version and a running run."""
-    from sql import writes
+    from sql import runs
 
     with Session.begin() as session:
-        model_id = writes.register_model(session, model_metadata(), sha("checkpoint v1"))
-        run_id = writes.start_run(session, kind="reprocess", source="/data/in", model_id=model_id)
+        model_id = runs.register_model(session, model_metadata(), sha("checkpoint v1"))
+        run_id = runs.start_run(session, kind="reprocess", source="/data/in", model_id=model_id)
     return model_id, run_id
 
 

@@ -8,7 +8,7 @@ from collections import Counter
 import sqlalchemy as sa
 from conftest import Shard, file_entry, mixed_shard, model_metadata, sha
 
-from sql import db, writes
+from sql import db, integrity, predictions, runs, shards, upsert
 
 
 def run_writers(jobs) -> list[BaseException]:
@@ -36,9 +36,9 @@ def overlapping_writers(url: str, *, total: int, overlap_from: int, sizes=(100, 
     engine = db.connect(url)
     Session = db.session_factory(engine)
     with Session.begin() as session:
-        model_id = writes.register_model(session, model_metadata(), sha("ckpt"))
-        run_a = writes.start_run(session, kind="nightly", model_id=model_id)
-        run_b = writes.start_run(session, kind="reprocess", model_id=model_id)
+        model_id = runs.register_model(session, model_metadata(), sha("ckpt"))
+        run_a = runs.start_run(session, kind="nightly", model_id=model_id)
+        run_b = runs.start_run(session, kind="reprocess", model_id=model_id)
 
     def writer(run_id, start, stop, size, reverse):
         bounds = list(range(start, stop, size))
@@ -49,10 +49,10 @@ def overlapping_writers(url: str, *, total: int, overlap_from: int, sizes=(100, 
             for lo in bounds:
                 shard = mixed_shard(lo, min(lo + size, stop))
                 with Session.begin() as session:
-                    result = writes.write_shard(
+                    result = shards.write_shard(
                         session, run_id=run_id, model_id=model_id, **shard.kwargs()
                     )
-                    writes.upsert_study_predictions(
+                    predictions.upsert_study_predictions(
                         session, model_id, run_id, study_uids=result.study_uids
                     )
 
@@ -96,7 +96,7 @@ def overlapping_writers(url: str, *, total: int, overlap_from: int, sizes=(100, 
             "SELECT COUNT(DISTINCT study_instance_uid) FROM image_predictions"
         )
     with Session.begin() as session:
-        assert all(v == 0 for v in writes.check_integrity(session).values())
+        assert all(v == 0 for v in integrity.check_integrity(session).values())
     engine.dispose()
 
 
@@ -106,7 +106,7 @@ def test_two_writers_with_overlapping_shards_on_postgresql(pg_url):
 
 def test_two_writers_with_overlapping_big_shards_on_postgresql_copy_path(pg_url):
     # Shards above COPY_THRESHOLD go through COPY + staging table + one upsert per table.
-    size = writes.COPY_THRESHOLD + 200
+    size = upsert.COPY_THRESHOLD + 200
     overlapping_writers(pg_url, total=3 * size, overlap_from=size, sizes=(size, size))
 
 
@@ -118,8 +118,8 @@ def test_racing_writers_of_one_uid_with_different_content_record_one_conflict(pg
     engine = db.connect(pg_url)
     Session = db.session_factory(engine)
     with Session.begin() as session:
-        model_id = writes.register_model(session, model_metadata(), sha("ckpt"))
-        run_id = writes.start_run(session, kind="reprocess", model_id=model_id)
+        model_id = runs.register_model(session, model_metadata(), sha("ckpt"))
+        run_id = runs.start_run(session, kind="reprocess", model_id=model_id)
 
     def writer(tag):
         shard = Shard()
@@ -128,7 +128,7 @@ def test_racing_writers_of_one_uid_with_different_content_record_one_conflict(pg
 
         def job():
             with Session.begin() as session:
-                writes.write_shard(session, run_id=run_id, model_id=model_id, **shard.kwargs())
+                shards.write_shard(session, run_id=run_id, model_id=model_id, **shard.kwargs())
 
         return job
 
@@ -170,13 +170,13 @@ def test_writers_of_one_run_beating_on_every_shard_do_not_deadlock(pg_url, monke
     and look for stale runs (which reads and locks run rows too)."""
     import datetime as dt
 
-    monkeypatch.setattr(writes, "HEARTBEAT_MIN_INTERVAL", dt.timedelta(0))
+    monkeypatch.setattr(runs, "HEARTBEAT_MIN_INTERVAL", dt.timedelta(0))
     engine = db.connect(pg_url)
     Session = db.session_factory(engine)
     with Session.begin() as session:
-        model_id = writes.register_model(session, model_metadata(), sha("ckpt"))
-        run_id = writes.start_run(session, kind="reprocess", model_id=model_id)
-        stale = writes.start_run(session, kind="nightly", model_id=model_id)
+        model_id = runs.register_model(session, model_metadata(), sha("ckpt"))
+        run_id = runs.start_run(session, kind="reprocess", model_id=model_id)
+        stale = runs.start_run(session, kind="nightly", model_id=model_id)
         session.execute(
             sa.text(
                 "UPDATE runs SET heartbeat_at = heartbeat_at - INTERVAL '7 hours' WHERE run_id = :r"
@@ -188,13 +188,13 @@ def test_writers_of_one_run_beating_on_every_shard_do_not_deadlock(pg_url, monke
         def job():
             for lo in range(first, 600, 4 * 30):
                 with Session.begin() as session:
-                    result = writes.write_shard(
+                    result = shards.write_shard(
                         session,
                         run_id=run_id,
                         model_id=model_id,
                         **mixed_shard(lo, lo + 31).kwargs(),
                     )  # one file more than the stride: neighbours share a study
-                    writes.upsert_study_predictions(
+                    predictions.upsert_study_predictions(
                         session, model_id, run_id, study_uids=result.study_uids
                     )
 
@@ -203,7 +203,7 @@ def test_writers_of_one_run_beating_on_every_shard_do_not_deadlock(pg_url, monke
     def opener():
         for _ in range(10):
             with Session.begin() as session:
-                writes.start_run(session, kind="demo", model_id=model_id)
+                runs.start_run(session, kind="demo", model_id=model_id)
 
     assert not run_writers([worker(0), worker(30), worker(60), worker(90), opener])
     with engine.connect() as conn:
@@ -214,5 +214,5 @@ def test_writers_of_one_run_beating_on_every_shard_do_not_deadlock(pg_url, monke
     assert statuses[run_id] == "running" and statuses[stale] == "abandoned"
     assert deadlocks == 0
     with Session.begin() as session:
-        assert all(v == 0 for v in writes.check_integrity(session).values())
+        assert all(v == 0 for v in integrity.check_integrity(session).values())
     engine.dispose()

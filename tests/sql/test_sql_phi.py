@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import Shard, file_entry
 
-from sql import writes
+from sql import predictions, reviews, runs, shards
 from sql.schema import metadata
 
 RAW_ID = "PID-0048812-X"
@@ -49,7 +49,7 @@ def test_raw_patient_data_is_refused_and_never_echoed(Session, engine, model_run
         shard = planted_shard()
         plant(shard)
         with pytest.raises(ValueError, match=message) as raised, Session.begin() as session:
-            writes.write_shard(session, run_id=run_id, model_id=model_id, **shard.kwargs())
+            shards.write_shard(session, run_id=run_id, model_id=model_id, **shard.kwargs())
         assert RAW_ID not in str(raised.value) and RAW_NAME not in str(raised.value)
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT COUNT(*) FROM instances")).scalar_one() == 0
@@ -58,18 +58,20 @@ def test_raw_patient_data_is_refused_and_never_echoed(Session, engine, model_run
 def test_no_table_holds_a_raw_patient_identifier(Session, engine, model_run):
     model_id, run_id = model_run
     with Session.begin() as session:
-        result = writes.write_shard(
+        result = shards.write_shard(
             session, run_id=run_id, model_id=model_id, **planted_shard().kwargs()
         )
-        writes.upsert_study_predictions(session, model_id, run_id, study_uids=result.study_uids)
-        writes.add_review(
+        predictions.upsert_study_predictions(
+            session, model_id, run_id, study_uids=result.study_uids
+        )
+        reviews.add_review(
             session,
             study_instance_uid="1.2.826.0.1.3680043.2.0",
             decision="agree",
             reviewer="alice",
         )
-        writes.set_watermark(session, "nightly", dt.datetime.now(dt.UTC), {"files": 7})
-        writes.finish_run(
+        runs.set_watermark(session, "nightly", dt.datetime.now(dt.UTC), {"files": 7})
+        runs.finish_run(
             session,
             run_id,
             "completed",

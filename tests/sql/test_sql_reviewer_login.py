@@ -1,5 +1,5 @@
 """A real PostgreSQL login granted cxr_reviewer runs what `cxr-screen query` and `cxr-screen
-review` run (sql.db.connect, sql.queries.run_query, sql.writes.add_review), and still reads no
+review` run (sql.db.connect, sql.queries.run_query, sql.reviews.add_review), and still reads no
 base table."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from conftest import model_metadata
 from test_sql_views_queries import QUERY_CASES, STUDY, V1, V2, run_model
 
-from sql import db, writes
+from sql import db, reviews
 from sql.queries import list_queries, run_query
 
 
@@ -31,11 +31,11 @@ def setup(module_pg_url):
     v2, run2 = run_model(Session, model_metadata("2.0.0"), "v2", V2, "reprocess")
     t0 = dt.datetime.now(dt.UTC)
     with Session.begin() as session:
-        writes.add_review(
+        reviews.add_review(
             session, study_instance_uid=STUDY[2], decision="agree", reviewer="alice", model_id=v2
         )
         for seconds, decision in ((1, "disagree"), (2, "agree")):
-            writes.add_review(
+            reviews.add_review(
                 session,
                 study_instance_uid=STUDY[3],
                 decision=decision,
@@ -122,11 +122,11 @@ def test_the_login_appends_reviews_with_add_review(setup, as_login):
     try:
         with sessions.begin() as session:
             with pytest.raises(ValueError, match="study 9.9.9 is not in the database"):
-                writes.add_review(
+                reviews.add_review(
                     session, study_instance_uid="9.9.9", decision="agree", reviewer=login
                 )
             with pytest.raises(ValueError, match="model_id 999 is not registered"):
-                writes.add_review(
+                reviews.add_review(
                     session,
                     study_instance_uid=STUDY[4],
                     decision="agree",
@@ -134,7 +134,7 @@ def test_the_login_appends_reviews_with_add_review(setup, as_login):
                     model_id=999,
                 )
             # The refused inserts left the transaction usable (savepoints).
-            review_id = writes.add_review(
+            review_id = reviews.add_review(
                 session,
                 study_instance_uid=STUDY[4],
                 decision="disagree",

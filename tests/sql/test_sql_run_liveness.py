@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import mixed_shard, model_metadata, sha
 
-from sql import db, writes
+from sql import db, rows, runs, shards
 from sql.schema import Run
 
 RUNS = Run.__table__
@@ -36,7 +36,7 @@ def set_heartbeat(Session, run_id: int, when: dt.datetime) -> None:
 def new_run(Session, model_id: int, *, age: dt.timedelta | None = None, **kwargs) -> int:
     """A running run whose heartbeat is ``age`` old (the check off while it is made)."""
     with Session.begin() as session:
-        run_id = writes.start_run(
+        run_id = runs.start_run(
             session, kind="nightly", model_id=model_id, stale_after=None, **kwargs
         )
     if age is not None:
@@ -45,9 +45,9 @@ def new_run(Session, model_id: int, *, age: dt.timedelta | None = None, **kwargs
 
 
 def close(Session, run_id: int, status: str = "completed") -> None:
-    zero = dict.fromkeys(writes.RUN_COUNT_KEYS, 0)
+    zero = dict.fromkeys(rows.RUN_COUNT_KEYS, 0)
     with Session.begin() as session:
-        writes.finish_run(session, run_id, status, zero, "boom" if status == "failed" else None)
+        runs.finish_run(session, run_id, status, zero, "boom" if status == "failed" else None)
 
 
 def test_a_run_starts_with_a_heartbeat_that_v_run_summary_shows(Session, model_run):
@@ -71,29 +71,29 @@ def test_each_committed_shard_is_a_heartbeat_in_its_own_transaction(Session, mod
 
     # A shard whose transaction rolls back leaves no heartbeat either.
     with pytest.raises(RuntimeError, match="crash"), Session.begin() as session:
-        writes.write_shard(session, run_id=run_id, model_id=model_id, **mixed_shard(0, 4).kwargs())
+        shards.write_shard(session, run_id=run_id, model_id=model_id, **mixed_shard(0, 4).kwargs())
         raise RuntimeError("crash before the commit")
     assert run_row(Session, run_id)["heartbeat_at"] == old
 
     started = now()
     with Session.begin() as session:
-        writes.write_shard(session, run_id=run_id, model_id=model_id, **mixed_shard(0, 4).kwargs())
+        shards.write_shard(session, run_id=run_id, model_id=model_id, **mixed_shard(0, 4).kwargs())
     assert run_row(Session, run_id)["heartbeat_at"] >= started
 
 
 def test_heartbeats_are_written_at_most_every_interval(Session, model_run):
     _, run_id = model_run
     with Session.begin() as session:
-        assert not writes.heartbeat(session, run_id)  # start_run just wrote it
-    set_heartbeat(Session, run_id, now() - writes.HEARTBEAT_MIN_INTERVAL - dt.timedelta(seconds=1))
+        assert not runs.heartbeat(session, run_id)  # start_run just wrote it
+    set_heartbeat(Session, run_id, now() - runs.HEARTBEAT_MIN_INTERVAL - dt.timedelta(seconds=1))
     with Session.begin() as session:
-        assert writes.heartbeat(session, run_id)
-        assert not writes.heartbeat(session, run_id)
+        assert runs.heartbeat(session, run_id)
+        assert not runs.heartbeat(session, run_id)
 
 
 def test_stale_running_runs_are_abandoned_when_a_run_starts(Session, model_run):
     model_id, _ = model_run
-    stale = writes.STALE_RUN_AFTER
+    stale = runs.STALE_RUN_AFTER
     dead = new_run(Session, model_id, age=stale + dt.timedelta(minutes=1))
     slow = new_run(Session, model_id, age=stale - dt.timedelta(minutes=10))
     done = new_run(Session, model_id)
@@ -106,7 +106,7 @@ def test_stale_running_runs_are_abandoned_when_a_run_starts(Session, model_run):
     before = {r: run_row(Session, r) for r in (slow, done, failed)}
 
     with Session.begin() as session:
-        opened = writes.start_run(session, kind="reprocess", model_id=model_id)
+        opened = runs.start_run(session, kind="reprocess", model_id=model_id)
 
     row = run_row(Session, dead)
     assert row["status"] == "abandoned"
@@ -133,41 +133,41 @@ def test_the_threshold_is_a_parameter_and_none_turns_the_check_off(Session, mode
     model_id, first = model_run
     set_heartbeat(Session, first, now() - dt.timedelta(days=30))
     with Session.begin() as session:
-        writes.start_run(session, kind="demo", model_id=model_id, stale_after=None)
+        runs.start_run(session, kind="demo", model_id=model_id, stale_after=None)
     assert run_row(Session, first)["status"] == "running"
 
     recent = new_run(Session, model_id, age=dt.timedelta(minutes=20))
     with Session.begin() as session:
-        marked = writes.abandon_stale_runs(session, dt.timedelta(minutes=15))
+        marked = runs.abandon_stale_runs(session, dt.timedelta(minutes=15))
     assert marked == [first, recent]
     assert "more than 15 min before" in run_row(Session, recent)["error"]
     with Session.begin() as session, pytest.raises(ValueError, match="positive"):
-        writes.abandon_stale_runs(session, dt.timedelta(0))
+        runs.abandon_stale_runs(session, dt.timedelta(0))
 
 
 def test_an_abandoned_run_that_beats_again_was_alive_and_can_close(Session, model_run):
     model_id, run_id = model_run
-    set_heartbeat(Session, run_id, now() - 2 * writes.STALE_RUN_AFTER)
+    set_heartbeat(Session, run_id, now() - 2 * runs.STALE_RUN_AFTER)
     with Session.begin() as session:
-        assert writes.abandon_stale_runs(session) == [run_id]
+        assert runs.abandon_stale_runs(session) == [run_id]
 
     with Session.begin() as session:  # its next shard
-        writes.write_shard(session, run_id=run_id, model_id=model_id, **mixed_shard(0, 3).kwargs())
+        shards.write_shard(session, run_id=run_id, model_id=model_id, **mixed_shard(0, 3).kwargs())
     row = run_row(Session, run_id)
     assert (row["status"], row["finished_at"], row["error"]) == ("running", None, None)
 
     with Session.begin() as session:
-        assert writes.abandon_stale_runs(session) == []  # fresh now
-    set_heartbeat(Session, run_id, now() - 2 * writes.STALE_RUN_AFTER)
+        assert runs.abandon_stale_runs(session) == []  # fresh now
+    set_heartbeat(Session, run_id, now() - 2 * runs.STALE_RUN_AFTER)
     with Session.begin() as session:
-        writes.abandon_stale_runs(session)
+        runs.abandon_stale_runs(session)
     counts = {"files_seen": 3, "predicted": 2, "skipped": 0, "failed": 1}
     with Session.begin() as session:  # it closes without another shard
-        writes.finish_run(session, run_id, "completed", counts)
+        runs.finish_run(session, run_id, "completed", counts)
     row = run_row(Session, run_id)
     assert (row["status"], row["error"], row["files_seen"]) == ("completed", None, 3)
     with Session.begin() as session, pytest.raises(ValueError, match="already completed"):
-        writes.finish_run(session, run_id, "completed", counts)
+        runs.finish_run(session, run_id, "completed", counts)
 
 
 def test_the_status_constraint_allows_abandoned_and_nothing_new(engine, model_run):
@@ -184,16 +184,16 @@ def test_a_heartbeat_committed_meanwhile_wins_over_the_marking(pg_url):
     try:
         Session = db.session_factory(engine)
         with Session.begin() as session:
-            model_id = writes.register_model(session, model_metadata(), sha("ckpt"))
-        run_id = new_run(Session, model_id, age=2 * writes.STALE_RUN_AFTER)
+            model_id = runs.register_model(session, model_metadata(), sha("ckpt"))
+        run_id = new_run(Session, model_id, age=2 * runs.STALE_RUN_AFTER)
         marked: list[int] = []
         beating = Session()
         beating.begin()
-        assert writes.heartbeat(beating, run_id)  # holds the run's row, not committed yet
+        assert runs.heartbeat(beating, run_id)  # holds the run's row, not committed yet
 
         def mark() -> None:
             with Session.begin() as session:
-                marked.extend(writes.abandon_stale_runs(session))
+                marked.extend(runs.abandon_stale_runs(session))
 
         marker = threading.Thread(target=mark)
         marker.start()
@@ -214,7 +214,7 @@ def test_upgrading_an_old_database_gives_runs_a_heartbeat_and_abandons_old_ones(
         old = dt.datetime(2026, 1, 1, 8, 0, tzinfo=UTC)
         Session = db.session_factory(engine)
         with Session.begin() as session:
-            model_id = writes.register_model(session, model_metadata(), sha("ckpt"))
+            model_id = runs.register_model(session, model_metadata(), sha("ckpt"))
             for status, finished in (("running", None), ("completed", old.replace(hour=9))):
                 session.execute(
                     sa.text(
@@ -246,7 +246,7 @@ def test_upgrading_an_old_database_gives_runs_a_heartbeat_and_abandons_old_ones(
                 assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
                 assert conn.exec_driver_sql("PRAGMA foreign_key_check").all() == []
         with Session.begin() as session:
-            writes.start_run(session, kind="nightly", model_id=model_id)
+            runs.start_run(session, kind="nightly", model_id=model_id)
         assert run_row(Session, 1)["status"] == "abandoned"
     finally:
         engine.dispose()
@@ -259,15 +259,15 @@ def test_the_screening_run_marks_stale_runs_and_each_shard_beats(db_url, tmp_pat
 
     untrained_checkpoint(version="liveness-1", name="test").save(tmp_path / "model.pt")
     checkpoint = load_checkpoint(tmp_path / "model.pt")
-    first = screening.open_run(
-        db_url, checkpoint, kind="nightly", source="/drop", parameters={}, selection_policy={}
-    )
+    engine = db.connect(db_url)
     try:
-        set_heartbeat(first.sessions, first.run_id, now() - 2 * writes.STALE_RUN_AFTER)
-        second = screening.open_run(
-            db_url, checkpoint, kind="reprocess", source="/old", parameters={}, selection_policy={}
+        first = screening.open_run(
+            engine, checkpoint, kind="nightly", source="/drop", parameters={}, selection_policy={}
         )
-        second.engine.dispose()
+        set_heartbeat(first.sessions, first.run_id, now() - 2 * runs.STALE_RUN_AFTER)
+        second = screening.open_run(
+            engine, checkpoint, kind="reprocess", source="/old", parameters={}, selection_policy={}
+        )
         row = run_row(first.sessions, first.run_id)
         assert row["status"] == "abandoned" and f"run {second.run_id}" in row["error"]
 
@@ -282,4 +282,4 @@ def test_the_screening_run_marks_stale_runs_and_each_shard_beats(db_url, tmp_pat
         )
         assert run_row(first.sessions, second.run_id)["heartbeat_at"] >= started
     finally:
-        first.engine.dispose()
+        engine.dispose()

@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import Shard, file_entry, model_metadata, sha
 
-from sql import db, writes
+from sql import db, predictions, reviews, runs, shards
 from sql.queries import list_queries, load_query, run_query
 
 DAY = dt.date(2024, 1, 2)
@@ -45,15 +45,17 @@ def scenario_shard(scores: dict[int, list[float]]) -> Shard:
 def run_model(Session, metadata, checkpoint, scores, kind):
     shard = scenario_shard(scores)
     with Session.begin() as session:
-        model_id = writes.register_model(session, metadata, sha(checkpoint))
-        run_id = writes.start_run(session, kind=kind, source="/data/in", model_id=model_id)
+        model_id = runs.register_model(session, metadata, sha(checkpoint))
+        run_id = runs.start_run(session, kind=kind, source="/data/in", model_id=model_id)
     with Session.begin() as session:
-        result = writes.write_shard(
+        result = shards.write_shard(
             session, run_id=run_id, model_id=model_id, force=False, **shard.kwargs()
         )
-        writes.upsert_study_predictions(session, model_id, run_id, study_uids=result.study_uids)
+        predictions.upsert_study_predictions(
+            session, model_id, run_id, study_uids=result.study_uids
+        )
         counts = result.outcome_counts
-        writes.finish_run(
+        runs.finish_run(
             session, run_id, "completed", {"files_seen": sum(counts.values()), **counts}
         )
     return model_id, run_id
@@ -70,17 +72,17 @@ def scenario(module_db_url):
     v2, run2 = run_model(Session, model_metadata("2.0.0"), "v2", V2, "reprocess")
     t0 = dt.datetime.now(dt.UTC)
     with Session.begin() as session:
-        writes.add_review(
+        reviews.add_review(
             session, study_instance_uid=STUDY[2], decision="agree", reviewer="alice", model_id=v2
         )
-        writes.add_review(
+        reviews.add_review(
             session,
             study_instance_uid=STUDY[3],
             decision="disagree",
             reviewer="bob",
             created_at=t0 + dt.timedelta(seconds=1),
         )
-        writes.add_review(
+        reviews.add_review(
             session,
             study_instance_uid=STUDY[3],
             decision="agree",

@@ -17,7 +17,8 @@ from conftest import (
     sha,
 )
 
-from sql import writes
+from sql import integrity, predictions, reviews, runs, shards, upsert
+from sql.schema import Model, Run
 
 
 @pytest.fixture(params=["statements", "copy"])
@@ -25,16 +26,16 @@ def bulk_path(request, monkeypatch) -> str:
     """Run a test through plain INSERT ... ON CONFLICT and through the COPY staging path
     (on PostgreSQL; SQLite has one path)."""
     if request.param == "copy":
-        monkeypatch.setattr(writes, "COPY_THRESHOLD", 1)
+        monkeypatch.setattr(upsert, "COPY_THRESHOLD", 1)
     return request.param
 
 
 def write(Session, run_id, model_id, shard: Shard, force=False):
     with Session.begin() as session:
-        result = writes.write_shard(
+        result = shards.write_shard(
             session, run_id=run_id, model_id=model_id, force=force, **shard.kwargs()
         )
-        writes.upsert_study_predictions(
+        predictions.upsert_study_predictions(
             session, model_id, run_id, study_uids=result.study_uids, force=force
         )
     return result
@@ -47,7 +48,7 @@ def count(engine, table: str) -> int:
 
 def new_run(Session, model_id, kind="reprocess") -> int:
     with Session.begin() as session:
-        return writes.start_run(session, kind=kind, source="/data/in", model_id=model_id)
+        return runs.start_run(session, kind=kind, source="/data/in", model_id=model_id)
 
 
 # --- models and runs --------------------------------------------------------------------------
@@ -55,12 +56,12 @@ def new_run(Session, model_id, kind="reprocess") -> int:
 
 def test_register_model_is_idempotent_on_sha256(Session, engine):
     with Session.begin() as session:
-        first = writes.register_model(session, model_metadata(), sha("ckpt"))
-        again = writes.register_model(session, model_metadata(), sha("ckpt"))
-        other = writes.register_model(session, model_metadata("2.0.0"), sha("ckpt2"))
+        first = runs.register_model(session, model_metadata(), sha("ckpt"))
+        again = runs.register_model(session, model_metadata(), sha("ckpt"))
+        other = runs.register_model(session, model_metadata("2.0.0"), sha("ckpt2"))
     assert first == again != other
     with engine.connect() as conn:
-        models = writes.Model.__table__
+        models = Model.__table__
         row = conn.execute(sa.select(models).where(models.c.model_id == first)).mappings().one()
     assert row["name"] == "cxr-screen" and row["version"] == "1.0.0"
     assert row["class_names"] == ["normal", "abnormal"]
@@ -70,37 +71,37 @@ def test_register_model_is_idempotent_on_sha256(Session, engine):
 
 def test_register_model_refuses_a_second_checkpoint_under_the_same_version(Session):
     with Session.begin() as session:
-        writes.register_model(session, model_metadata(), sha("ckpt"))
+        runs.register_model(session, model_metadata(), sha("ckpt"))
     with pytest.raises(ValueError, match="give it a new version"), Session.begin() as session:
-        writes.register_model(session, model_metadata(), sha("retrained"))
+        runs.register_model(session, model_metadata(), sha("retrained"))
     meta = model_metadata()
     del meta["threshold"]
     with pytest.raises(ValueError, match="threshold"), Session.begin() as session:
-        writes.register_model(session, meta, sha("other"))
+        runs.register_model(session, meta, sha("other"))
     with pytest.raises(ValueError, match="64 lowercase hex"), Session.begin() as session:
-        writes.register_model(session, model_metadata("3"), "not-a-hash")
+        runs.register_model(session, model_metadata("3"), "not-a-hash")
 
 
 def test_runs_start_and_finish_with_conserved_counts(Session, engine, model_run):
     _, run_id = model_run
     with pytest.raises(ValueError, match="saw 10 files but counts 9"), Session.begin() as session:
-        writes.finish_run(
+        runs.finish_run(
             session,
             run_id,
             "completed",
             {"files_seen": 10, "predicted": 7, "skipped": 1, "failed": 1},
         )
     with pytest.raises(ValueError, match="missing"), Session.begin() as session:
-        writes.finish_run(session, run_id, "completed", {"files_seen": 0})
+        runs.finish_run(session, run_id, "completed", {"files_seen": 0})
     with Session.begin() as session:
-        writes.finish_run(
+        runs.finish_run(
             session,
             run_id,
             "completed",
             {"files_seen": 10, "predicted": 7, "skipped": 2, "failed": 1},
         )
     with pytest.raises(ValueError, match="already completed"), Session.begin() as session:
-        writes.finish_run(
+        runs.finish_run(
             session, run_id, "failed", {"files_seen": 0, "predicted": 0, "skipped": 0, "failed": 0}
         )
     with engine.connect() as conn:
@@ -113,13 +114,13 @@ def test_runs_start_and_finish_with_conserved_counts(Session, engine, model_run)
     )
     assert row["finished_at"] is not None and row["model_version"] == "1.0.0"
     with pytest.raises(ValueError, match="run kind 'weekly'"), Session.begin() as session:
-        writes.start_run(session, kind="weekly")
+        runs.start_run(session, kind="weekly")
 
 
 def test_a_failed_run_keeps_partial_counts_and_its_error(Session, engine, model_run):
     _, run_id = model_run
     with Session.begin() as session:
-        writes.finish_run(
+        runs.finish_run(
             session,
             run_id,
             "failed",
@@ -153,7 +154,7 @@ def test_the_same_shard_twice_leaves_every_table_unchanged(Session, engine, mode
         run_ids = conn.execute(sa.text("SELECT DISTINCT run_id FROM file_outcomes")).scalars()
         assert set(run_ids) == {run_id}
     with Session.begin() as session:
-        assert all(v == 0 for v in writes.check_integrity(session).values())
+        assert all(v == 0 for v in integrity.check_integrity(session).values())
 
 
 def test_force_updates_in_place_and_keeps_the_row_count(Session, engine, model_run, bulk_path):
@@ -289,16 +290,16 @@ def test_invalid_shards_are_refused_with_the_reason(Session, engine, model_run):
         file_entry(shard, 1, outcome="skipped")
         mutate(shard)
         with pytest.raises(ValueError, match=message), Session.begin() as session:
-            writes.write_shard(session, run_id=run_id, model_id=model_id, **shard.kwargs())
+            shards.write_shard(session, run_id=run_id, model_id=model_id, **shard.kwargs())
         assert count(engine, "instances") == 0, f"{message}: the transaction did not roll back"
 
 
 def test_write_shard_checks_the_model_and_run_exist(Session, model_run):
     model_id, run_id = model_run
     with pytest.raises(ValueError, match="run_id .*999"), Session.begin() as session:
-        writes.write_shard(session, run_id=999, model_id=model_id, **mixed_shard(0, 2).kwargs())
+        shards.write_shard(session, run_id=999, model_id=model_id, **mixed_shard(0, 2).kwargs())
     with pytest.raises(ValueError, match="model_id .*999"), Session.begin() as session:
-        writes.write_shard(session, run_id=run_id, model_id=999, **mixed_shard(0, 2).kwargs())
+        shards.write_shard(session, run_id=run_id, model_id=999, **mixed_shard(0, 2).kwargs())
 
 
 def test_upsert_image_predictions_refuses_orphans(Session, model_run, bulk_path):
@@ -315,7 +316,7 @@ def test_upsert_image_predictions_refuses_orphans(Session, model_run, bulk_path)
         "predicted_at": dt.datetime.now(dt.UTC),
     }
     with pytest.raises(ValueError, match="1.2.3 .*no matching"), Session.begin() as session:
-        writes.upsert_image_predictions(session, [row])
+        predictions.upsert_image_predictions(session, [row])
 
 
 # --- study predictions, planner lookup --------------------------------------------------------
@@ -341,14 +342,14 @@ def test_study_predictions_aggregate_images_in_sql(Session, engine, model_run):
         ("max", 1, 0.1, False, 0.5),
     ]
     with Session.begin() as session:
-        writes.upsert_study_predictions(session, model_id, run_id, rule="mean", threshold=0.45)
+        predictions.upsert_study_predictions(session, model_id, run_id, rule="mean", threshold=0.45)
     with engine.connect() as conn:
         row = conn.execute(
             sa.text("SELECT aggregation, score, label FROM study_predictions WHERE n_images = 3")
         ).one()
     assert row[0] == "mean" and row[1] == pytest.approx(0.4) and not row[2]
     with pytest.raises(ValueError, match="'median'"), Session.begin() as session:
-        writes.upsert_study_predictions(session, model_id, run_id, rule="median")
+        predictions.upsert_study_predictions(session, model_id, run_id, rule="median")
 
 
 def test_predicted_sop_uids_is_the_planners_already_done(Session, model_run):
@@ -356,9 +357,9 @@ def test_predicted_sop_uids_is_the_planners_already_done(Session, model_run):
     write(Session, run_id, model_id, mixed_shard(0, 20))
     asked = [f"1.2.826.0.1.3680043.3.{i}" for i in range(0, 30)]
     with Session.begin() as session:
-        done = writes.predicted_sop_uids(session, model_id, asked)
-        other_model = writes.register_model(session, model_metadata("2"), sha("v2"))
-        assert writes.predicted_sop_uids(session, other_model, asked) == set()
+        done = predictions.predicted_sop_uids(session, model_id, asked)
+        other_model = runs.register_model(session, model_metadata("2"), sha("v2"))
+        assert predictions.predicted_sop_uids(session, other_model, asked) == set()
     expected = {f"1.2.826.0.1.3680043.3.{i}" for i in range(20) if i % 11 != 5 and i % 7 != 3}
     assert done == expected
 
@@ -372,10 +373,10 @@ def test_reviews_are_appended_and_the_latest_counts(Session, engine, model_run):
     study = "1.2.826.0.1.3680043.2.0"
     t0 = dt.datetime(2024, 1, 2, 8, tzinfo=dt.UTC)
     with Session.begin() as session:
-        writes.add_review(
+        reviews.add_review(
             session, study_instance_uid=study, decision="disagree", reviewer="bob", created_at=t0
         )
-        writes.add_review(
+        reviews.add_review(
             session,
             study_instance_uid=study,
             decision="agree",
@@ -391,20 +392,20 @@ def test_reviews_are_appended_and_the_latest_counts(Session, engine, model_run):
     ]
     assert count(engine, "reviews") == 2
     with pytest.raises(ValueError, match="not in the database"), Session.begin() as session:
-        writes.add_review(session, study_instance_uid="9.9", decision="agree", reviewer="x")
+        reviews.add_review(session, study_instance_uid="9.9", decision="agree", reviewer="x")
     with pytest.raises(ValueError, match="'maybe'"), Session.begin() as session:
-        writes.add_review(session, study_instance_uid=study, decision="maybe", reviewer="x")
+        reviews.add_review(session, study_instance_uid=study, decision="maybe", reviewer="x")
 
 
 def test_watermarks_round_trip_in_utc(Session, model_run):
     _, run_id = model_run
     with Session.begin() as session:
-        assert writes.get_watermark(session, "nightly") is None
+        assert runs.get_watermark(session, "nightly") is None
         local = dt.timezone(dt.timedelta(hours=2))
-        writes.set_watermark(
+        runs.set_watermark(
             session, "nightly", dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=local), {"files": 3}
         )
-        writes.set_watermark(
+        runs.set_watermark(
             session,
             "nightly",
             dt.datetime(2024, 1, 3, 3, 4, 5, 123456, tzinfo=local),
@@ -412,9 +413,9 @@ def test_watermarks_round_trip_in_utc(Session, model_run):
             run_id=run_id,
         )
     with Session.begin() as session:
-        mark = writes.get_watermark(session, "nightly")
+        mark = runs.get_watermark(session, "nightly")
         with pytest.raises(ValueError, match="timezone-aware"):
-            writes.set_watermark(session, "nightly", dt.datetime(2024, 1, 1))
+            runs.set_watermark(session, "nightly", dt.datetime(2024, 1, 1))
     assert mark.value == dt.datetime(2024, 1, 3, 1, 4, 5, 123456, tzinfo=dt.UTC)
     assert mark.value.tzinfo is not None and mark.detail == {"files": 4}
     assert mark.run_id == run_id
@@ -424,9 +425,7 @@ def test_timestamps_come_back_aware_utc(Session, model_run):
     _, run_id = model_run
     with Session.begin() as session:
         started = session.execute(
-            sa.select(writes.Run.__table__.c.started_at).where(
-                writes.Run.__table__.c.run_id == run_id
-            )
+            sa.select(Run.__table__.c.started_at).where(Run.__table__.c.run_id == run_id)
         ).scalar_one()
     assert started.utcoffset() == dt.timedelta(0)
     assert abs(dt.datetime.now(dt.UTC) - started) < dt.timedelta(minutes=5)

@@ -225,7 +225,7 @@ def _index(table: str, *columns: str) -> None:
 
 def upgrade() -> None:
     # instances, file_outcomes and image_predictions have no FOREIGN KEYs on purpose (bulk
-    # speed); sql.writes checks references per call and check_integrity() audits them.
+    # speed); the writers check references per call and check_integrity() audits them.
     op.create_table(
         "models",
         _id("model_id"),

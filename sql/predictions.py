@@ -1,0 +1,179 @@
+"""Predictions: image predictions in bulk, study predictions aggregated from them in SQL, and
+the planner's lookup of what a model version has already predicted.
+
+``write_shard`` (``sql.shards``) stores a shard's image predictions through
+``upsert_image_predictions``; the caller then aggregates the shard's studies::
+
+    with Session.begin() as session:
+        result = write_shard(session, ...)
+        upsert_study_predictions(session, model_id, run_id, study_uids=result.study_uids)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from sql.rows import check_probability
+from sql.runs import require_models_and_runs
+from sql.schema import AGGREGATIONS, ImagePrediction, Instance, Model, StudyPrediction
+from sql.upsert import dialect_insert, member_of, on_conflict, upsert_rows, utc_now
+
+_STUDY_COLUMNS = [
+    "study_instance_uid",
+    "model_id",
+    "aggregation",
+    "n_images",
+    "score",
+    "label",
+    "threshold",
+    "run_id",
+    "predicted_at",
+]
+_STUDY_COMPARE = ["aggregation", "n_images", "score", "label", "threshold"]
+
+
+def upsert_image_predictions(
+    session: Session, rows: list[dict[str, Any]], *, force: bool = False, verify: bool = True
+) -> None:
+    """Upsert image_predictions rows (every column given; unique on sop_instance_uid+model_id).
+
+    ``write_shard`` calls this (with ``verify=False``: it has checked the references already);
+    it is public for bulk loads and the benchmark. With ``verify`` the models, runs and
+    instances the rows refer to must exist (one set-based check per call).
+    """
+    table = ImagePrediction.__table__
+    keys = ["sop_instance_uid", "model_id"]
+    compare = ["study_instance_uid", "score", "label", "threshold", "preprocessing_sha256"]
+    if verify and rows:
+        require_models_and_runs(session, {r["model_id"] for r in rows}, {r["run_id"] for r in rows})
+    upsert_rows(
+        session,
+        table,
+        rows,
+        keys=keys,
+        build=lambda ins: on_conflict(
+            ins, table, keys, [*compare, "run_id", "predicted_at"], compare, force
+        ),
+        verify=_verify_instances if verify else None,
+    )
+
+
+def _verify_instances(session: Session, rows: list[dict[str, Any]], staged: Any) -> None:
+    """Every row's (sop_instance_uid, study_instance_uid) must be a stored instance."""
+    instances = Instance.__table__
+    if staged is not None:
+        orphans = session.execute(
+            sa.select(staged.c.sop_instance_uid, staged.c.study_instance_uid)
+            .outerjoin(instances, instances.c.sop_instance_uid == staged.c.sop_instance_uid)
+            .where(
+                sa.or_(
+                    instances.c.sop_instance_uid.is_(None),
+                    instances.c.study_instance_uid != staged.c.study_instance_uid,
+                )
+            )
+            .limit(3)
+        ).all()
+    else:
+        studies: dict[str, str] = {}
+        uids = (r["sop_instance_uid"] for r in rows)
+        for where in member_of(session, instances.c.sop_instance_uid, uids):
+            query = sa.select(instances.c.sop_instance_uid, instances.c.study_instance_uid)
+            studies.update((sop, study) for sop, study in session.execute(query.where(where)))
+        orphans = [
+            (r["sop_instance_uid"], r["study_instance_uid"])
+            for r in rows
+            if studies.get(r["sop_instance_uid"]) != r["study_instance_uid"]
+        ][:3]
+    if orphans:
+        sop, study = orphans[0]
+        raise ValueError(
+            f"image prediction for SOP Instance UID {sop} (study {study}) has no matching stored "
+            "instance; write the instance first (write_shard does both)"
+        )
+
+
+def upsert_study_predictions(
+    session: Session,
+    model_id: int,
+    run_id: int,
+    rule: str = "max",
+    study_uids: Iterable[str] | None = None,
+    *,
+    threshold: float | None = None,
+    force: bool = False,
+) -> None:
+    """(Re)compute study predictions from image_predictions in SQL, one statement per chunk.
+
+    ``rule``: ``max`` (the study is as positive as its most positive image) or ``mean``.
+    The label is ``score >= threshold``, the threshold defaulting to the model's.
+    ``study_uids``: the studies to aggregate (None: every study this model predicted).
+    """
+    if rule not in AGGREGATIONS:
+        raise ValueError(f"aggregation rule {rule!r} is not one of {', '.join(AGGREGATIONS)}")
+    if threshold is None:
+        threshold = _model_threshold(session, model_id)
+    threshold = check_probability("study threshold", threshold)
+    ip = ImagePrediction.__table__
+    table = StudyPrediction.__table__
+    score = sa.func.max(ip.c.score) if rule == "max" else sa.func.avg(ip.c.score)
+    now = utc_now()
+
+    def statement(where):
+        select = (
+            sa.select(
+                ip.c.study_instance_uid,
+                sa.literal(model_id, sa.Integer),
+                sa.literal(rule, sa.Text),
+                sa.func.count(),
+                score,
+                sa.case((score >= threshold, sa.true()), else_=sa.false()),
+                sa.literal(threshold, sa.Double),
+                sa.literal(run_id, sa.Integer),
+                sa.literal(now, table.c.predicted_at.type),
+            )
+            .where(ip.c.model_id == model_id, where)
+            .group_by(ip.c.study_instance_uid)
+            .order_by(ip.c.study_instance_uid)
+        )
+        ins = dialect_insert(session, table).from_select(_STUDY_COLUMNS, select)
+        return on_conflict(
+            ins,
+            table,
+            ["study_instance_uid", "model_id"],
+            [*_STUDY_COMPARE, "run_id", "predicted_at"],
+            _STUDY_COMPARE,
+            force,
+        )
+
+    if study_uids is None:
+        session.execute(statement(sa.true()))
+        return
+    for where in member_of(session, ip.c.study_instance_uid, study_uids):
+        session.execute(statement(where))
+
+
+def _model_threshold(session: Session, model_id: int) -> float:
+    models = Model.__table__
+    threshold = session.execute(
+        sa.select(models.c.threshold).where(models.c.model_id == model_id)
+    ).scalar_one_or_none()
+    if threshold is None:
+        raise ValueError(f"model {model_id} does not exist")
+    return threshold
+
+
+def predicted_sop_uids(session: Session, model_id: int, sop_uids: Iterable[str]) -> set[str]:
+    """The subset of ``sop_uids`` this model version already predicted (the planner's skip)."""
+    table = ImagePrediction.__table__
+    found: set[str] = set()
+    for where in member_of(session, table.c.sop_instance_uid, sop_uids):
+        found.update(
+            session.execute(
+                sa.select(table.c.sop_instance_uid).where(table.c.model_id == model_id, where)
+            ).scalars()
+        )
+    return found
