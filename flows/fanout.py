@@ -40,18 +40,15 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from cli.fanout import (
-    CONTROL_QUEUE,
-    MAX_IN_FLIGHT_CAP,
-    SHARD_QUEUE,
-    WORK_POOL,
-    cli,
-)
 from flows.progress import report
 from flows.screen import ScreenError
 from flows.settings import Settings, get_settings
 from sql import manifests as store
 
+WORK_POOL = "cxr-screen"
+SHARD_QUEUE = "shards"
+CONTROL_QUEUE = "control"
+MAX_IN_FLIGHT_CAP = 64  # threads of the parent's task runner; max_in_flight may not exceed it
 SHARD_FLOW = "screen-shard"
 SHARD_DEPLOYMENT = f"{SHARD_FLOW}/shard"
 FANOUT_DEPLOYMENT_NAME = "reprocess-fanout"
@@ -602,9 +599,3 @@ def ensure_work_pool(name: str) -> None:
                         base_job_template=ProcessWorker.get_default_base_job_template(),
                     )
                 )
-
-
-# --- CLI commands (registered by cli/app.py) ------------------------------------------------
-
-if __name__ == "__main__":
-    cli()

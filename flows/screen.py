@@ -22,6 +22,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from flows.errors import UserError
 from flows.progress import report
 from flows.settings import get_settings
 from tasks import prefect_tasks as t
@@ -30,7 +31,7 @@ from tasks.ingest import estimate_total, scan, shards
 from tasks.screening import ShardProcessor
 
 
-class ScreenError(RuntimeError):
+class ScreenError(UserError):
     """A fatal problem with the run itself (no model, source missing, database down)."""
 
 

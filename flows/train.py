@@ -19,6 +19,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.errors import UserError
 from flows.progress import report
 from flows.settings import get_settings
 from model.spec import PreprocessSpec
@@ -29,7 +30,7 @@ from tasks.screening import available_cores
 from tasks.training_run import evaluation_markdown, make_checkpoint
 
 
-class TrainError(RuntimeError):
+class TrainError(UserError):
     """A fatal problem with the training run itself (data missing, output not writable)."""
 
 
