@@ -1,7 +1,7 @@
 """Decode + preprocess throughput per transfer syntax: full vs reduced decoding, 1 vs N processes.
 
     .venv/bin/python benchmarks/bench_decode.py            # ~2000 px images, 3 per syntax
-    .venv/bin/python benchmarks/bench_decode.py --plugins  # also time every decoder plugin
+    .venv/bin/python benchmarks/bench_decode.py --plugins  # also time every decoder backend
 
 Writes synthetic radiographs (tasks.dicom.synth) to a temporary folder (or --dir, reused when it
 already holds them), then times ``tasks.dicom.pixels.preprocess`` (150 px model input) on them. One
@@ -25,8 +25,8 @@ import pydicom
 
 from model.spec import PreprocessSpec
 from tasks.dicom import synth
-from tasks.dicom.decoders import PLUGIN_PREFERENCE
-from tasks.dicom.pixels import preprocess
+from tasks.dicom.decoders import REGISTRY, DecodeJob
+from tasks.dicom.pixels import DEFAULT_MAX_PIXELS, check_image, preprocess, transfer_syntax
 
 REDUCIBLE = ("j2k_lossless", "j2k", "jpeg_baseline")
 MODES = {  # name: preprocess keywords
@@ -85,24 +85,28 @@ def time_pool(
     return len(jobs) / (time.perf_counter() - start)
 
 
-def time_plugins(paths: list[Path], syntax: str) -> None:
-    ds = pydicom.dcmread(paths[0])
-    uid = ds.file_meta.TransferSyntaxUID
-    decoder = pydicom.pixels.get_decoder(uid)
-    if decoder.is_native:
-        return
-    for plugin in decoder.available_plugins:
+def time_backends(paths: list[Path], syntax: str) -> None:
+    """Full-resolution decode time of every registered backend for the syntax (the registry's
+    order, ``tasks/dicom/decoders/registry.py``, should list the fastest first)."""
+    ds, uid = transfer_syntax(pydicom.dcmread(paths[0]), {})
+    layout, _ = check_image(ds, uid, DEFAULT_MAX_PIXELS)
+    for backend in REGISTRY.handling(uid, reduced=False):
+        head = f"backend syntax={syntax:18s} backend={backend.name:10s}"
+        why = backend.unavailable(uid)
+        if why is not None:
+            print(f"{head} unavailable: {why}")
+            continue
         try:
-            decoder.as_array(ds, raw=True, decoding_plugin=plugin)
+            backend.decode(DecodeJob(ds, uid, layout))
             start = time.perf_counter()
             for _ in range(2):
-                decoder.as_array(ds, raw=True, decoding_plugin=plugin)
+                backend.decode(DecodeJob(ds, uid, layout))
             ms = (time.perf_counter() - start) / 2 * 1000
-            print(f"plugin  syntax={syntax:18s} plugin={plugin:10s} decode_ms={ms:8.1f}")
-        except Exception as exc:
-            print(f"plugin  syntax={syntax:18s} plugin={plugin:10s} failed: {exc}".splitlines()[0])
-    order = PLUGIN_PREFERENCE.get(uid, ())
-    print(f"plugin  syntax={syntax:18s} preference={','.join(order)}")
+            print(f"{head} decode_ms={ms:8.1f}")
+        except Exception as exc:  # a benchmark line, not a pipeline outcome
+            print(f"{head} failed: {exc}".splitlines()[0])
+    order = [b.name for b in REGISTRY.pick(uid, reduced=False)[0]]
+    print(f"backend syntax={syntax:18s} order={','.join(order)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=2, help="process pool size (spawn)")
     ap.add_argument("--syntaxes", default=",".join(DEFAULT_SYNTAXES), help="comma-separated")
     ap.add_argument("--dir", type=Path, default=None, help="keep/reuse the images here")
-    ap.add_argument("--plugins", action="store_true", help="also time each decoder plugin")
+    ap.add_argument("--plugins", action="store_true", help="also time each decoder backend")
     args = ap.parse_args(argv)
     syntaxes = [s for s in args.syntaxes.split(",") if s]
     spec = PreprocessSpec()
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         for syntax in syntaxes:
             paths = images[syntax]
             if args.plugins:
-                time_plugins(paths, syntax)
+                time_backends(paths, syntax)
             for mode in MODES if syntax in REDUCIBLE else ("full",):
                 options = MODES[mode]
                 facts = preprocess(paths[0], spec, **options).facts

@@ -53,7 +53,8 @@ def main() -> None:
     def calls(thumbnails: str | None, tag: str) -> None:
         for i in range(args.calls):
             decoded = decode_item(src, f"1.2.3.{tag}.{i}", spec, True, thumbnails)
-            assert decoded.error is None, decoded.error
+            if decoded.error is not None:
+                raise SystemExit(f"decoding the profiled image failed: {decoded.error}")
 
     for label, thumbnails in (("without thumbnail", None), ("with thumbnail", thumbs)):
         calls(thumbnails, "warm")

@@ -42,11 +42,10 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.pixels import get_decoder
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from model.spec import PreprocessSpec
-from tasks.dicom.decoders import Decoded, PixelLayout, decode
+from tasks.dicom.decoders import Decoded, PixelLayout, check_decodable, decode
 from tasks.dicom.outcomes import InputError
 from tasks.dicom.tags import label, tag_id
 from tasks.dicom.thumbnails import thumbnail_shape
@@ -132,7 +131,7 @@ def _preprocess(
     if read_warnings:
         facts["read_warnings"] = read_warnings
     ds, tsyntax = transfer_syntax(ds, facts)
-    check_supported(tsyntax)
+    check_decodable(tsyntax)
     layout, photometric = check_image(ds, tsyntax, max_pixels)
     facts.update(
         rows=layout.rows,
@@ -293,24 +292,6 @@ def transfer_syntax(ds: Dataset, facts: dict[str, Any]) -> tuple[Dataset, UID]:
     ds = copy.copy(ds)
     ds.file_meta = new_meta
     return ds, uid
-
-
-def check_supported(tsyntax: UID) -> None:
-    """InputError unless pydicom has a decoder for ``tsyntax`` with a plugin installed."""
-    try:
-        decoder = get_decoder(tsyntax)
-    except NotImplementedError:
-        kind = tsyntax.name if tsyntax.is_transfer_syntax else "unknown or private"
-        raise InputError(
-            f"{label('TransferSyntaxUID')} value '{tsyntax}' ({kind}) is not supported: "
-            "no pixel data decoder exists for it"
-        ) from None
-    if not decoder.is_native and not decoder.is_available:
-        missing = "; ".join(decoder.missing_dependencies) or "no plugin installed"
-        raise InputError(
-            f"{label('TransferSyntaxUID')} value '{tsyntax}' ({tsyntax.name}) cannot be "
-            f"decoded: no decoder plugin is available ({missing})"
-        )
 
 
 def _required_int(ds: Dataset, keyword: str) -> int:

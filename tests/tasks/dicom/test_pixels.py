@@ -15,7 +15,8 @@ from pydicom.encaps import encapsulate
 
 import tasks.dicom.pixels as px
 from model.spec import PreprocessSpec
-from tasks.dicom import decoders, synth
+from tasks.dicom import synth
+from tasks.dicom.decoders import reduced
 from tasks.dicom.outcomes import InputError
 from tasks.dicom.thumbnails import thumbnail_shape, write_thumbnail
 
@@ -239,11 +240,11 @@ def test_missing_transfer_syntax_is_inferred(tmp_path):
 
 
 def test_choose_reduce_level_and_openjpeg_sizes():
-    assert decoders.choose_reduce_level((1955, 1841), (300, 300), 5) == 2
-    assert decoders.choose_reduce_level((1955, 1841), (150, 150), 5) == 3
-    assert decoders.choose_reduce_level((1955, 1841), (150, 150), 1) == 1
-    assert decoders.choose_reduce_level((200, 200), (150, 150), 5) == 0
-    hdr = decoders.J2KHeader(0, 0, 0, 1841, 1955, 1, 15, False, 5)
+    assert reduced.choose_reduce_level((1955, 1841), (300, 300), 5) == 2
+    assert reduced.choose_reduce_level((1955, 1841), (150, 150), 5) == 3
+    assert reduced.choose_reduce_level((1955, 1841), (150, 150), 1) == 1
+    assert reduced.choose_reduce_level((200, 200), (150, 150), 5) == 0
+    hdr = reduced.J2KHeader(0, 0, 0, 1841, 1955, 1, 15, False, 5)
     assert hdr.reduced_size(3) == (231, 245)  # ceil; Pillow's round-half-up gives 244 rows
 
 
@@ -274,7 +275,7 @@ def test_reduced_failure_falls_back_to_full(tmp_path, monkeypatch):
     def broken(self):
         raise OSError("broken data stream when reading image file")
 
-    monkeypatch.setattr(decoders._ExactReduceJ2K, "load", broken)
+    monkeypatch.setattr(reduced._ExactReduceJ2K, "load", broken)
     res = px.preprocess(path, SPEC, reduced=True)
     assert res.facts["decoder"] == "pylibjpeg" and res.facts["reduce_level"] == 0
     assert "broken data stream" in res.facts["reduced_fallback"]
