@@ -27,7 +27,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="override the plan's epochs")
     args = parser.parse_args()
 
-    from cli.demo import quiet_console, run_demo
+    from cli.console import quiet_console
+    from cli.demo import run_demo
 
     quiet_console()
     import torch

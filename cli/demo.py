@@ -1,4 +1,4 @@
-"""``cxr-screen demo`` and ``cxr-screen train``: the commands, and the demo itself.
+"""``cxr-screen demo``: the whole pipeline on synthetic data, in a few minutes.
 
 The demo generates a small synthetic archive of chest radiograph studies (a mix of transfer
 syntaxes and sizes, some laterals, a few broken and unselected files) and a separate labelled
@@ -6,9 +6,8 @@ training set, trains a demo checkpoint with the real ``train`` flow, screens the
 real ``screen`` flow on SQLite, and prints the review queue, the run summary and an honest
 evaluation of the demo model on the archive (whose true labels the generator knows).
 
-This module imports Prefect and the flows only when a command runs, so that registering the
-commands costs nothing and the quiet logging settings are in place before Prefect configures
-itself.
+This module imports Prefect and the flows only when the command runs, so that registering it
+costs nothing and the quiet logging settings are in place before Prefect configures itself.
 """
 
 from __future__ import annotations
@@ -20,44 +19,24 @@ import shutil
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
+
+from cli.console import (
+    PipelineProgress,
+    console,
+    exit_on_error,
+    frame_table,
+    num,
+    training_table,
 )
-from rich.table import Table
-
-from flows.common import fatal_reason, quiet_console
-
-console = Console()
-err_console = Console(stderr=True)
-
-
-@contextlib.contextmanager
-def exit_on_error(
-    *kinds: type[Exception],
-    reason: Callable[[Exception], str] = fatal_reason,
-    stderr: Console = err_console,
-) -> Iterator[None]:
-    """For a command's body: an error of ``kinds`` (default: any ``Exception``) becomes one
-    ``error: <reason>`` line on stderr and exit status 2, without a traceback."""
-    caught = kinds or (Exception,)
-    try:
-        yield
-    except caught as exc:
-        stderr.print(f"[bold red]error:[/] {reason(exc)}", highlight=False)
-        raise typer.Exit(2) from None
-
+from cli.server import prefect_ready
+from flows.errors import UserError
 
 DEMO_NAME = "demo"
 DEMO_NOTES = (
@@ -100,218 +79,10 @@ QUICK = DemoPlan(
 )
 
 
-# --- quiet, clean terminal output -------------------------------------------------------------
-
-
-# --- progress ---------------------------------------------------------------------------------
-
-
-class PipelineProgress:
-    """Draws a rich progress display from the events the flows report (``flows.progress``)."""
-
-    def __init__(self, target: Console | None = None) -> None:
-        self.progress = Progress(
-            TextColumn("[bold]{task.description:<18}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[detail]}"),
-            TimeElapsedColumn(),
-            console=target or err_console,
-        )
-        self.tasks: dict[str, TaskID] = {}
-
-    def __enter__(self) -> PipelineProgress:
-        from flows.progress import add_listener
-
-        add_listener(self)
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        from flows.progress import remove_listener
-
-        remove_listener(self)
-        self.progress.stop()
-
-    def _task(self, key: str, label: str, total: int | None = None) -> TaskID:
-        if key not in self.tasks:
-            self.tasks[key] = self.progress.add_task(label, total=total, detail="")
-        return self.tasks[key]
-
-    def finish(self, key: str) -> None:
-        if key in self.tasks:
-            tid = self.tasks[key]
-            done = next(t.completed for t in self.progress.tasks if t.id == tid)
-            self.progress.update(tid, total=max(done, 1), completed=max(done, 1))
-
-    def __call__(self, event: str, data: dict[str, Any]) -> None:
-        update = self.progress.update
-        if event == "demo-stage":
-            tid = self._task(data["key"], data["label"], data.get("total"))
-            if data.get("done"):
-                self.finish(data["key"])
-            elif "completed" in data:
-                update(tid, completed=data["completed"], detail=data.get("detail", ""))
-        elif event == "train-data":
-            if data["stage"] == "scan":
-                update(self._task("scan", "reading headers"), completed=data["done"])
-            else:
-                self.finish("scan")
-                tid = self._task("decode", "decoding images", data["total"])
-                update(tid, completed=data["done"], total=data["total"])
-        elif event == "train-epoch":
-            tid = self._task("epochs", "training (epochs)", data["epochs"])
-            auc = data.get("val_auroc")
-            detail = f"loss {data['train_loss']:.3f}  val AUROC {_num(auc)}"
-            update(tid, completed=data["epoch"], detail=detail)
-        elif event == "train-done":
-            self.finish("epochs")
-        elif event == "start":  # the screen flow
-            tid = self._task("screen", "screening", data.get("total"))
-            update(tid, detail=f"run {data['run_id']}")
-        elif event == "shard":
-            c = data.get("counts", {})
-            update(
-                self._task("screen", "screening"),
-                completed=data["seen"],
-                detail=f"predicted {c.get('predicted', 0)} skipped {c.get('skipped', 0)} "
-                f"failed {c.get('failed', 0)}",
-            )
-        elif event == "done":
-            self.finish("screen")
-
-
-# --- tables -----------------------------------------------------------------------------------
-
-
-def _num(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def training_table(summary: dict[str, Any]) -> Table:
-    """A trained checkpoint and its validation metrics."""
-    ds, c = summary["dataset"], summary["confusion"]
-    table = Table(title=f"Model {summary['name']} {summary['version']}", show_header=False)
-    table.add_column("", style="bold")
-    table.add_column("", overflow="fold")
-    rows = [
-        ("checkpoint", f"{summary['checkpoint']} (sha256 {summary['sha256'][:12]}…)"),
-        ("classes", f"{', '.join(summary['class_names'])} (positive: {summary['positive_class']})"),
-        (
-            "files",
-            f"seen {ds['files_seen']}: used {ds['used']}, skipped {ds['skipped']}, "
-            f"failed {ds['failed']}",
-        ),
-        (
-            "train split",
-            f"{ds['per_split']['train']} from {ds['studies_per_split']['train']} studies",
-        ),
-        (
-            "validation split",
-            f"{ds['per_split']['validation']} from {ds['studies_per_split']['validation']} "
-            "studies (no study in both)",
-        ),
-        ("validation AUROC", _num(summary["auroc"])),
-        ("threshold", f"{_num(summary['threshold'], 4)} (chosen on validation)"),
-        (
-            "at threshold",
-            f"sensitivity {_num(summary['sensitivity'])}, specificity "
-            f"{_num(summary['specificity'])} (TP {c['tp']} FN {c['fn']} FP {c['fp']} TN {c['tn']})",
-        ),
-        (
-            "epochs",
-            f"best {summary['best_epoch']} of {summary['epochs_run']} "
-            f"({summary['train_seconds']} s)",
-        ),
-        ("database", f"model_id {summary['model_id']}, train run {summary['run_id']}"),
-    ]
-    for key, value in rows:
-        table.add_row(key, value)
-    return table
-
-
-def frame_table(title: str, rows: list[dict[str, Any]], columns: dict[str, str]) -> Table:
-    """A table of ``rows`` showing ``columns`` ({key: header})."""
-    table = Table(title=title)
-    for header in columns.values():
-        table.add_column(header, overflow="fold")
-    for row in rows:
-        table.add_row(*(_num(row.get(key)) for key in columns))
-    if not rows:
-        table.add_row(*(["(none)"] + [""] * (len(columns) - 1)))
-    return table
-
-
-# --- train command ----------------------------------------------------------------------------
-
-
-def train_command(
-    data: Annotated[
-        Path, typer.Argument(help="Folder with one sub-folder per class, or a CSV of path,label")
-    ],
-    out: Annotated[Path, typer.Option("--out", help="Checkpoint file to write (.pt)")],
-    epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs")] = 30,
-    batch_size: Annotated[int, typer.Option(min=2)] = 32,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine)")] = 3e-3,
-    architecture: Annotated[str, typer.Option()] = "lg_mobilenet_v2",
-    input_size: Annotated[int, typer.Option(min=32)] = 150,
-    version: Annotated[
-        str | None, typer.Option(help="Model version (default: UTC date-time + weights hash)")
-    ] = None,
-    name: Annotated[str, typer.Option(help="Model name")] = "cxr-screen",
-    notes: Annotated[str, typer.Option(help="Free text stored in the checkpoint")] = "",
-    positive_class: Annotated[
-        str | None, typer.Option(help="Default: 'positive' or 'abnormal', else the last class")
-    ] = None,
-    val_fraction: Annotated[float, typer.Option(min=0.01, max=0.99)] = 0.2,
-    target_sensitivity: Annotated[float, typer.Option(min=0.01, max=1.0)] = 0.95,
-    seed: Annotated[int, typer.Option()] = 0,
-    db: Annotated[str | None, typer.Option("--db", help="Database URL (default: settings)")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            min=0,
-            help="Decode processes (0: in-process; default: one per core with a GPU, on the "
-            "CPU the cores less one in five for inference, plus one)",
-        ),
-    ] = None,
-) -> None:
-    """Train a checkpoint on labelled DICOM studies and register it in the database."""
-    quiet_console()
-    from flows.train import train
-
-    with exit_on_error(), PipelineProgress():
-        summary = train(
-            str(data),
-            str(out),
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            architecture=architecture,
-            input_size=input_size,
-            version=version,
-            name=name,
-            notes=notes,
-            database_url=db,
-            seed=seed,
-            target_sensitivity=target_sensitivity,
-            val_fraction=val_fraction,
-            device=device,
-            workers=workers,
-            positive_class=positive_class,
-        )
-    console.print(training_table(summary))
-
-
 # --- the demo ---------------------------------------------------------------------------------
 
 
-class DemoError(RuntimeError):
+class DemoError(UserError):
     """The demo cannot run in the directory given."""
 
 
@@ -459,11 +230,8 @@ def run_demo(
     Returns the stages' summaries, the first rows of the review queue, the run summary rows
     and the evaluation on the archive.
     """
-    import sqlalchemy as sa
-
     from flows.screen import screen
     from flows.train import train
-    from sql.db import connect
 
     plan = QUICK if quick else FULL
     if n_studies is not None:
@@ -476,23 +244,8 @@ def run_demo(
     seconds: dict[str, float] = {}
 
     started = time.perf_counter()
-    _stage("archive", "writing archive", total=None)
-    archive, truth_csv, archive_counts = write_archive(directory, plan, seed)
-    _stage("archive", "writing archive", done=True)
-    _stage("trainset", "writing train set", total=None)
-    from tasks.dicom.synth import write_corpus
-
-    write_corpus(
-        directory / "training",
-        plan.train_studies,
-        seed=seed + 2,
-        size_range=plan.train_sizes,
-        lateral_fraction=0.05,
-        syntaxes=("explicit_le", "rle", "jpeg_ls", "j2k_lossless", "jpeg_lossless"),
-    )
-    _stage("trainset", "writing train set", done=True)
+    archive, truth_csv, archive_counts = generate(directory, plan, seed)
     seconds["generate"] = round(time.perf_counter() - started, 1)
-
     # The demo keeps its HMAC key and thumbnails in the demo directory unless configured.
     with _env(CXR_SCREEN_HOME=str(directory / ".cxr-screen")):
         started = time.perf_counter()
@@ -516,6 +269,49 @@ def run_demo(
         )
         seconds["screen"] = round(time.perf_counter() - started, 1)
 
+    result = {
+        "directory": str(directory),
+        "model": str(directory / "model.pt"),
+        "database_url": url,
+        "archive": str(archive),
+        "archive_counts": archive_counts,
+        "train": trained,
+        "screen": screened,
+        **read_results(url, trained["model_id"], truth_csv),
+        "seconds": seconds,
+        "plan": asdict(plan),
+    }
+    if out is not None:
+        print_demo(result, out)
+    return result
+
+
+def generate(directory: Path, plan: DemoPlan, seed: int) -> tuple[Path, Path, dict[str, int]]:
+    """The archive to screen (with its truth) and the labelled training set."""
+    from tasks.dicom.synth import write_corpus
+
+    _stage("archive", "writing archive", total=None)
+    archive, truth_csv, archive_counts = write_archive(directory, plan, seed)
+    _stage("archive", "writing archive", done=True)
+    _stage("trainset", "writing train set", total=None)
+    write_corpus(
+        directory / "training",
+        plan.train_studies,
+        seed=seed + 2,
+        size_range=plan.train_sizes,
+        lateral_fraction=0.05,
+        syntaxes=("explicit_le", "rle", "jpeg_ls", "j2k_lossless", "jpeg_lossless"),
+    )
+    _stage("trainset", "writing train set", done=True)
+    return archive, truth_csv, archive_counts
+
+
+def read_results(url: str, model_id: int, truth_csv: Path) -> dict[str, Any]:
+    """The review queue (first 10 and total), the run summaries and the archive evaluation."""
+    import sqlalchemy as sa
+
+    from sql.db import connect
+
     engine = connect(url)
     try:
         with engine.connect() as conn:
@@ -530,28 +326,15 @@ def run_demo(
             ]
         with open(truth_csv, newline="") as f:
             truth = {r["study_instance_uid"]: int(r["label"]) for r in csv.DictReader(f)}
-        evaluation = evaluate_archive(engine, trained["model_id"], truth)
+        evaluation = evaluate_archive(engine, model_id, truth)
     finally:
         engine.dispose()
-
-    result = {
-        "directory": str(directory),
-        "model": str(directory / "model.pt"),
-        "database_url": url,
-        "archive": str(archive),
-        "archive_counts": archive_counts,
-        "train": trained,
-        "screen": screened,
+    return {
         "review_queue": queue,
         "review_queue_total": int(queue_total or 0),
         "run_summary": runs,
         "archive_evaluation": evaluation,
-        "seconds": seconds,
-        "plan": asdict(plan),
     }
-    if out is not None:
-        print_demo(result, out)
-    return result
 
 
 def print_demo(result: dict[str, Any], out: Console) -> None:
@@ -604,8 +387,8 @@ def print_demo(result: dict[str, Any], out: Console) -> None:
     if ev.get("studies"):
         out.print(
             f"Demo model on the archive's {ev['studies']} studies (never seen in training, "
-            f"{ev['positives']} positive): AUROC {_num(ev['auroc'])}, sensitivity "
-            f"{_num(ev['sensitivity'])}, specificity {_num(ev['specificity'])} at its threshold."
+            f"{ev['positives']} positive): AUROC {num(ev['auroc'])}, sensitivity "
+            f"{num(ev['sensitivity'])}, specificity {num(ev['specificity'])} at its threshold."
         )
     s = result["seconds"]
     out.print(
@@ -622,7 +405,10 @@ def demo_command(
     ] = Path("demo"),
 ) -> None:
     """Generate synthetic studies, train a demo model, screen them, print the review queue."""
-    quiet_console()
+    with exit_on_error(), prefect_ready():
+        # imported while the server boots; run_demo finds them loaded
+        import flows.screen
+        import flows.train  # noqa: F401
     with exit_on_error(), PipelineProgress():
         result = run_demo(dir)
     print_demo(result, console)

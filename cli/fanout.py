@@ -1,4 +1,8 @@
-"""The ``cxr-screen fanout`` commands, kept light: the flows are imported only when one runs."""
+"""``cxr-screen fanout``: reprocessing across the workers of a Prefect server.
+
+The flows (and Prefect) are imported only when a command runs, so that ``--help`` stays fast;
+the pool and queue names default to the flows' own (``flows.fanout``), resolved then.
+"""
 
 from __future__ import annotations
 
@@ -7,35 +11,47 @@ from typing import Annotated
 
 import typer
 
-WORK_POOL = "cxr-screen"
-SHARD_QUEUE = "shards"
-CONTROL_QUEUE = "control"
-MAX_IN_FLIGHT_CAP = 64  # threads of the parent's task runner; max_in_flight may not exceed it
+from cli.console import (
+    exit_on_error,
+    fail,
+    print_summary,
+    quiet_console,
+    quiet_prefect_defaults,
+    run_with_progress,
+)
 
-cli = typer.Typer(help="Fan-out reprocessing across Prefect workers", no_args_is_help=True)
+app = typer.Typer(help="Fan-out reprocessing across Prefect workers.", no_args_is_help=True)
 
 
-@cli.command("register")
+@app.command("register")
 def register_command(
-    pool: Annotated[str, typer.Option(help="Process work pool (created if missing)")] = WORK_POOL,
-    shard_queue: Annotated[str, typer.Option(help="Queue the GPU workers poll")] = SHARD_QUEUE,
+    pool: Annotated[
+        str | None, typer.Option(help="Process work pool, created if missing (default: cxr-screen)")
+    ] = None,
+    shard_queue: Annotated[
+        str | None, typer.Option(help="Queue the GPU workers poll (default: shards)")
+    ] = None,
     control_queue: Annotated[
-        str, typer.Option(help="Queue the fan-out parents run from")
-    ] = CONTROL_QUEUE,
+        str | None, typer.Option(help="Queue the fan-out parents run from (default: control)")
+    ] = None,
 ) -> None:
     """Register the shard and fan-out deployments on the Prefect server (PREFECT_API_URL)."""
-    from flows.common import quiet_prefect_defaults
-
     quiet_prefect_defaults()
-    _require_server()
-    from flows.fanout import register_deployments
+    require_server()
+    from flows import fanout
 
-    ids = register_deployments(pool, shard_queue=shard_queue, control_queue=control_queue)
+    pool = pool or fanout.WORK_POOL
+    with exit_on_error():
+        ids = fanout.register_deployments(
+            pool,
+            shard_queue=shard_queue or fanout.SHARD_QUEUE,
+            control_queue=control_queue or fanout.CONTROL_QUEUE,
+        )
     for name, deployment_id in ids.items():
         typer.echo(f"registered {name} ({deployment_id}) on pool {pool}")
 
 
-@cli.command("run")
+@app.command("run")
 def run_command(
     sources: Annotated[list[Path], typer.Argument(help="Folders, files or archives")],
     model: Annotated[Path | None, typer.Option(help="Checkpoint every worker can read")] = None,
@@ -43,7 +59,9 @@ def run_command(
     manifest_size: Annotated[
         int | None, typer.Option(min=1, help="Files per shard (one sub-flow run each)")
     ] = None,
-    max_in_flight: Annotated[int, typer.Option(min=1, max=MAX_IN_FLIGHT_CAP)] = 8,
+    max_in_flight: Annotated[
+        int, typer.Option(min=1, help="Shard runs at once (at most 64, the parent's threads)")
+    ] = 8,
     shard_timeout: Annotated[
         float | None, typer.Option(help="Seconds before a shard's run is cancelled and retried")
     ] = None,
@@ -56,14 +74,11 @@ def run_command(
     db: Annotated[str | None, typer.Option("--db", help="Results database URL")] = None,
 ) -> None:
     """Reprocess sources across the workers of a Prefect server (this process is the parent)."""
-    from cli.app import _run_with_progress, print_summary
-    from flows.common import quiet_console
-
     quiet_console()
-    _require_server()
+    require_server()
     from flows.fanout import screen_fanout
 
-    summary = _run_with_progress(
+    summary = run_with_progress(
         screen_fanout,
         sources=[str(s) for s in sources],
         model=str(model) if model else None,
@@ -78,14 +93,12 @@ def run_command(
     print_summary(summary)
 
 
-def _require_server() -> None:
+def require_server() -> None:
     """Fan-out needs a real Prefect server with workers; Prefect's temporary one has none."""
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
-        typer.echo(
-            "error: fan-out needs a Prefect server with workers: set PREFECT_API_URL "
-            "(e.g. http://prefect-server:4200/api)",
-            err=True,
+        fail(
+            "fan-out needs a Prefect server with workers: set PREFECT_API_URL "
+            "(e.g. http://prefect-server:4200/api)"
         )
-        raise typer.Exit(2)

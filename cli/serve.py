@@ -1,56 +1,61 @@
 """``cxr-screen serve``: the nightly schedule for a user with no Prefect infrastructure.
 
 Prefect's temporary server (the one a plain flow call starts by itself) has no scheduler, so a
-schedule needs a real ``prefect server start`` plus something that executes the runs. ``serve``
-provides both on one machine:
+schedule needs a real Prefect server plus something that executes the runs. ``serve`` provides
+both on one machine:
 
-1. If no ``PREFECT_API_URL`` is configured, start ``prefect server start`` as a child process on
-   a free loopback port (SQLite database under ``PREFECT_HOME``, or ``<home>/prefect`` of this
-   tool when ``PREFECT_HOME`` is not set), wait until ``/api/health`` answers, and point
-   ``PREFECT_API_URL`` at it. A configured server is used as it is.
-2. ``prefect.serve`` the deployments: ``nightly`` on the cron schedule and timezone from the
-   settings (or ``--cron`` / ``--timezone``, or ``--interval`` seconds), ``reprocess`` and
-   ``train`` without schedules, to be started from the UI or ``prefect deployment run``.
+1. If no ``PREFECT_API_URL`` is configured, start a full local Prefect server (scheduler and UI
+   on, ``cli.server.LocalPrefectServer``) on a free loopback port or ``--port``, with its
+   SQLite database under ``PREFECT_HOME``, or ``<home>/prefect`` of this tool when
+   ``PREFECT_HOME`` is not set; wait until ``/api/health`` answers. A configured server is used
+   as it is.
+2. ``prefect.serve`` the deployments, in a runner process: ``nightly`` on the cron schedule and
+   timezone from the settings (or ``--cron`` / ``--timezone``, or ``--interval`` seconds),
+   ``reprocess`` and ``train`` without schedules, to be started from the UI or ``prefect
+   deployment run``.
 3. On Ctrl-C or SIGTERM: stop serving (schedules are paused until the next ``serve``), then stop
-   the child server. No tracebacks.
+   the server. No tracebacks. Both children die with ``serve`` even when it is killed.
 
 Users with a Prefect server and workers deploy ``prefect.yaml`` instead.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import zoneinfo
-from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
-from flows.common import quiet_prefect_defaults
-from flows.settings import get_settings
+from cli.console import console, err_console, exit_on_error, quiet_prefect_defaults
+from cli.server import (
+    HOST,
+    LocalPrefectServer,
+    free_port,
+    is_healthy,
+    log_tail,
+    port_is_free,
+    spawn,
+    stop_process_group,
+)
+from flows.errors import UserError
 
-HOST = "127.0.0.1"
-SERVER_LOG_NAME = "cxr-screen-server.log"
 
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
+def say(text: str) -> None:
+    """A line for the person at the terminal (never wrapped: paths and URLs stay whole)."""
+    console.print(text, soft_wrap=True)
 
 
-class ServeError(RuntimeError):
+class ServeError(UserError):
     """A problem that stops ``serve`` from starting (bad schedule, no model, server down)."""
 
 
@@ -110,143 +115,6 @@ def make_schedule(
     return schedule
 
 
-def free_port(host: str = HOST) -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def port_is_free(port: int, host: str = HOST) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def is_healthy(api_url: str, timeout: float = 2.0) -> bool:
-    """True when ``GET <api_url>/health`` answers 200 (Prefect's own health route)."""
-    try:
-        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        with path.open(errors="replace") as f:
-            return "".join(deque(f, maxlen=lines)).rstrip()
-    except OSError:
-        return "(no log)"
-
-
-def _child_command(argv: list[str]) -> list[str]:
-    """``argv`` run through a small trampoline that, on Linux, asks the kernel to SIGTERM the
-    child when ``serve`` dies without cleaning up (e.g. SIGKILL), so nothing is left behind."""
-    return [sys.executable, "-c", _TRAMPOLINE, str(os.getpid()), *argv]
-
-
-_TRAMPOLINE = """\
-import os, signal, sys
-parent, argv = int(sys.argv[1]), sys.argv[2:]
-if sys.platform.startswith("linux"):
-    import ctypes
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:
-        sys.exit(0)
-os.execv(argv[0], argv)
-"""
-
-
-class _Hurry:
-    """Set by a second Ctrl-C / SIGTERM while ``serve`` is stopping: stop waiting, kill."""
-
-    requested = False
-
-    @classmethod
-    def handler(cls, signum, frame) -> None:
-        cls.requested = True
-
-
-def _stop_process_group(process: subprocess.Popen, grace: float) -> None:
-    """SIGTERM the leader of ``process``'s group, wait up to ``grace`` seconds (less after a
-    second Ctrl-C), then SIGKILL whatever is left in the group."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while process.poll() is None and time.monotonic() < deadline and not _Hurry.requested:
-            time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(10)
-
-
-class LocalServer:
-    """``prefect server start`` as a child process in its own session: Ctrl-C in a terminal does
-    not reach it, so ``serve`` can stop serving (which talks to the API) before stopping it."""
-
-    def __init__(self, prefect_home: Path, port: int, startup_timeout: float = 180.0):
-        self.prefect_home = prefect_home
-        self.port = port
-        self.startup_timeout = startup_timeout
-        self.api_url = f"http://{HOST}:{port}/api"
-        self.log_path = prefect_home / SERVER_LOG_NAME
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.prefect_home.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        env["PREFECT_HOME"] = str(self.prefect_home)
-        env.pop("PREFECT_API_URL", None)
-        env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        argv = [sys.executable, "-m", "prefect", "server", "start"]
-        argv += ["--host", HOST, "--port", str(self.port), "--scheduler"]
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                _child_command(argv),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
-
-    def wait_healthy(self) -> None:
-        """Poll ``/api/health`` until it answers, the child dies, or the timeout passes."""
-        assert self.process is not None
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.exited():
-                raise ServeError(
-                    f"the local Prefect server exited with code {self.process.returncode} while "
-                    f"starting; the end of its log ({self.log_path}):\n{_tail(self.log_path)}"
-                )
-            if is_healthy(self.api_url):
-                return
-            time.sleep(0.5)
-        raise ServeError(
-            f"the local Prefect server did not answer {self.api_url}/health within "
-            f"{self.startup_timeout:g} s; the end of its log ({self.log_path}):\n"
-            f"{_tail(self.log_path)}"
-        )
-
-    def exited(self) -> bool:
-        return self.process is not None and self.process.poll() is not None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            _stop_process_group(self.process, grace=30)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def deployments(
     schedule: Schedule,
     *,
@@ -303,11 +171,14 @@ def run_deployments(spec_json: str) -> None:
     try:
         served = deployments(schedule, drop_folder=spec["drop_folder"], model=spec["model"])
     except ImportError as exc:
-        err_console.print(f"[bold red]error:[/] cannot load the flows: {exc}", highlight=False)
+        # not under Typer (``python -c``): the one-line error by hand
+        err_console.print(
+            f"[bold red]error:[/] cannot load the flows: {exc}", highlight=False, soft_wrap=True
+        )
         sys.exit(2)
     import prefect
 
-    console.print(
+    say(
         f"Serving nightly ({schedule.describe()}), reprocess and train. Start an ad hoc run "
         "with\n  prefect deployment run screen/reprocess --param sources='[\"/path/to/archive\"]'"
         "\nPress Ctrl-C to stop."
@@ -329,6 +200,136 @@ def _check_database(url: str) -> None:
         raise ServeError(f"the results database {shown} is unreachable: {first}") from None
 
 
+def _plan(
+    *,
+    cron: str | None,
+    timezone: str | None,
+    interval: float | None,
+    drop_folder: str | os.PathLike[str] | None,
+    model: str | os.PathLike[str] | None,
+    port: int | None,
+    limit: int | None,
+    settings,
+) -> dict[str, Any]:
+    """Check every option before anything starts; what the runner process needs, as JSON."""
+    schedule = make_schedule(cron, timezone, interval, settings=settings)
+    folder = drop_folder or settings.drop_folder
+    if not folder:
+        raise ServeError("no drop folder: pass --drop-folder or set CXR_SCREEN_DROP_FOLDER")
+    if not Path(folder).is_dir():
+        raise ServeError(f"the drop folder {folder} does not exist or is not a folder")
+    model_path = model or settings.model_path
+    if not model_path:
+        raise ServeError("no model given: pass --model PATH or set CXR_SCREEN_MODEL_PATH")
+    if not Path(model_path).is_file():
+        raise ServeError(f"the model file {model_path} does not exist")
+    if port is not None and not 0 < port < 65536:
+        raise ServeError(f"a --port of {port} is invalid, it must be 1 to 65535")
+    if limit is not None and limit < 1:
+        raise ServeError(f"a --limit of {limit} is invalid, it must be 1 or more")
+    return {
+        "schedule": dataclasses.asdict(schedule),
+        "drop_folder": str(Path(folder).resolve()),
+        "model": str(Path(model_path).resolve()),
+        "limit": limit,
+    }
+
+
+def _prefect_api(
+    settings, port: int | None, startup_timeout: float
+) -> tuple[str, LocalPrefectServer | None]:
+    """The configured Prefect server if there is one (it must answer), else a local one."""
+    from prefect.settings import PREFECT_API_URL
+
+    api_url = PREFECT_API_URL.value()
+    if api_url:
+        if not is_healthy(api_url, timeout=10):
+            raise ServeError(
+                f"the Prefect server at PREFECT_API_URL={api_url} does not answer "
+                f"{api_url.rstrip('/')}/health; start it, or unset PREFECT_API_URL to let "
+                "serve start a local one"
+            )
+        say(f"Using the Prefect server at {api_url}")
+        return api_url, None
+    if port is not None and not port_is_free(port):
+        raise ServeError(f"port {port} on {HOST} is in use; pick another with --port")
+    home = Path(os.environ.get("PREFECT_HOME") or settings.home / "prefect").resolve()
+    server = LocalPrefectServer(
+        temporary=False, home=home, port=port or free_port(), startup_timeout=startup_timeout
+    )
+    say(f"Starting a local Prefect server (SQLite under {home}) ...")
+    server.start().wait_ready()
+    say(
+        f"Prefect server and UI at {server.api_url.removesuffix('/api')} (log: {server.log_path})",
+    )
+    return server.api_url, server
+
+
+def _start_runner(api_url: str, database_url: str, spec: dict[str, Any]) -> subprocess.Popen:
+    """The process that serves the deployments; flow runs are its children and inherit the
+    API and the database from its environment."""
+    env = {**os.environ, "PREFECT_API_URL": api_url, "CXR_SCREEN_DATABASE_URL": database_url}
+    code = "import sys, cli.serve as s; s.run_deployments(sys.argv[1])"
+    return spawn(
+        [sys.executable, "-c", code, json.dumps(spec)],
+        what="the deployments' runner",
+        stdin=subprocess.DEVNULL,
+        env=env,
+    )
+
+
+def _watch(runner: subprocess.Popen, server: LocalPrefectServer | None) -> None:
+    """Wait while serving; raise ServeError when the runner or the server stops by itself."""
+    while runner.poll() is None:
+        if server is not None and server.exited():
+            raise ServeError(
+                f"the local Prefect server stopped (exit code {server.process.returncode}); "
+                f"its log ({server.log_path}) ends with: {log_tail(server.log_path)}"
+            )
+        time.sleep(1)
+    raise ServeError(f"serving stopped by itself with exit code {runner.returncode}")
+
+
+class _Hurry:
+    """Set by a second Ctrl-C / SIGTERM while ``serve`` is stopping: stop waiting, kill."""
+
+    requested = False
+
+    @classmethod
+    def handler(cls, signum, frame) -> None:
+        cls.requested = True
+
+    @classmethod
+    def now(cls) -> bool:
+        return cls.requested
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _shut_down(runner: subprocess.Popen | None, server: LocalPrefectServer | None) -> None:
+    """Stop serving, then the server; a second Ctrl-C (or SIGTERM) shortens the waits but
+    never skips them."""
+    previous_sigint = signal.signal(signal.SIGINT, _Hurry.handler)
+    previous_sigterm = signal.signal(signal.SIGTERM, _Hurry.handler)
+    try:
+        if runner is not None:
+            if runner.poll() is None:
+                say(
+                    "Stopping: cancelling runs in progress, pausing the schedule "
+                    "(Ctrl-C again to kill them at once) ..."
+                )
+            stop_process_group(runner, grace=60, hurry=_Hurry.now)
+        if server is not None:
+            say("Stopping the local Prefect server ...")
+            server.stop(grace=30, hurry=_Hurry.now)
+    finally:
+        signal.signal(signal.SIGINT, previous_sigint)
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        _Hurry.requested = False
+
+
 def serve(
     *,
     cron: str | None = None,
@@ -345,106 +346,40 @@ def serve(
 
     Starts a local Prefect server first when ``PREFECT_API_URL`` is not configured. ``limit``
     caps the flow runs executing at once; the nightly deployment never overlaps itself.
-    Raises ``ServeError`` with a one-line reason when it cannot start or serving dies.
+    Raises ``ServeError`` (or ``LocalServerError``) with a one-line reason when it cannot start
+    or serving dies.
     """
+    from flows.settings import get_settings
+
     quiet_prefect_defaults()
     settings = get_settings(database_url=database_url)
-    schedule = make_schedule(cron, timezone, interval, settings=settings)
-    folder = drop_folder or settings.drop_folder
-    if not folder:
-        raise ServeError("no drop folder: pass --drop-folder or set CXR_SCREEN_DROP_FOLDER")
-    if not Path(folder).is_dir():
-        raise ServeError(f"the drop folder {folder} does not exist or is not a folder")
-    model_path = model or settings.model_path
-    if not model_path:
-        raise ServeError("no model given: pass --model PATH or set CXR_SCREEN_MODEL_PATH")
-    if not Path(model_path).is_file():
-        raise ServeError(f"the model file {model_path} does not exist")
-    if port is not None and not 0 < port < 65536:
-        raise ServeError(f"a --port of {port} is invalid, it must be 1 to 65535")
-    if limit is not None and limit < 1:
-        raise ServeError(f"a --limit of {limit} is invalid, it must be 1 or more")
+    spec = _plan(
+        cron=cron,
+        timezone=timezone,
+        interval=interval,
+        drop_folder=drop_folder,
+        model=model,
+        port=port,
+        limit=limit,
+        settings=settings,
+    )
     _check_database(settings.database_url)
-    spec = {
-        "schedule": dataclasses.asdict(schedule),
-        "drop_folder": str(Path(folder).resolve()),
-        "model": str(Path(model_path).resolve()),
-        "limit": limit,
-    }
-
-    from prefect.settings import PREFECT_API_URL
-
     # SIGTERM (a service manager stopping us) takes the same clean path as Ctrl-C.
     previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
-    server: LocalServer | None = None
+    server: LocalPrefectServer | None = None
     runner: subprocess.Popen | None = None
     try:
-        api_url = PREFECT_API_URL.value()
-        if api_url:
-            if not is_healthy(api_url, timeout=10):
-                raise ServeError(
-                    f"the Prefect server at PREFECT_API_URL={api_url} does not answer "
-                    f"{api_url.rstrip('/')}/health; start it, or unset PREFECT_API_URL to let "
-                    "serve start a local one"
-                )
-            console.print(f"Using the Prefect server at {api_url}")
-        else:
-            if port is not None and not port_is_free(port):
-                raise ServeError(f"port {port} on {HOST} is in use; pick another with --port")
-            home = Path(os.environ.get("PREFECT_HOME") or settings.home / "prefect").resolve()
-            server = LocalServer(home, port or free_port(), startup_timeout)
-            console.print(f"Starting a local Prefect server (SQLite under {home}) ...")
-            server.start()
-            server.wait_healthy()
-            api_url = server.api_url
-            console.print(
-                f"Prefect server and UI at {api_url.removesuffix('/api')} (log: {server.log_path})"
-            )
-        # Flow runs are children of the runner: they inherit the API and the database.
-        env = dict(os.environ)
-        env["PREFECT_API_URL"] = api_url
-        env["CXR_SCREEN_DATABASE_URL"] = settings.database_url
-        argv = [
-            sys.executable,
-            "-c",
-            "import sys, cli.serve as s; s.run_deployments(sys.argv[1])",
-        ]
-        runner = subprocess.Popen(
-            _child_command([*argv, json.dumps(spec)]),
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-        )
-        while runner.poll() is None:
-            if server is not None and server.exited():
-                raise ServeError(
-                    f"the local Prefect server stopped (exit code {server.process.returncode}); "
-                    f"the end of its log ({server.log_path}):\n{_tail(server.log_path)}"
-                )
-            time.sleep(1)
-        raise ServeError(f"serving stopped by itself with exit code {runner.returncode}")
+        api_url, server = _prefect_api(settings, port, startup_timeout)
+        runner = _start_runner(api_url, settings.database_url, spec)
+        _watch(runner, server)
     except KeyboardInterrupt:
         pass
     finally:
-        # A second Ctrl-C (or SIGTERM) shortens the waits below but never skips them.
-        previous_sigint = signal.signal(signal.SIGINT, _Hurry.handler)
-        signal.signal(signal.SIGTERM, _Hurry.handler)
         try:
-            if runner is not None:
-                if runner.poll() is None:
-                    console.print(
-                        "Stopping: cancelling runs in progress, pausing the schedule "
-                        "(Ctrl-C again to kill them at once) ..."
-                    )
-                _stop_process_group(runner, grace=60)
-            if server is not None:
-                console.print("Stopping the local Prefect server ...")
-                server.stop()
+            _shut_down(runner, server)
         finally:
-            signal.signal(signal.SIGINT, previous_sigint)
             signal.signal(signal.SIGTERM, previous_sigterm)
-            _Hurry.requested = False
-    console.print("Stopped.")
+    say("Stopped.")
 
 
 def serve_command(
@@ -485,9 +420,7 @@ def serve_command(
     limit: Annotated[int, typer.Option("--limit", help="Flow runs executing at once")] = 2,
 ) -> None:
     """Run the nightly schedule (and on-demand reprocess/train) with a local Prefect server."""
-    from cli.demo import exit_on_error
-
-    with exit_on_error(ServeError, reason=str, stderr=err_console):
+    with exit_on_error():
         serve(
             cron=cron,
             timezone=timezone,

@@ -1,17 +1,21 @@
-"""Prefect's temporary local server, started as a separate process before the heavy imports.
+"""The one launcher of a local Prefect server, and child processes that die with the command.
 
-A flow called with no ``PREFECT_API_URL`` makes Prefect start a temporary server itself: it
-imports the whole server package into the calling process (~5 s of CPU here, holding the GIL
-while the command also imports torch) and then waits ~6 s for a uvicorn subprocess. Started
-here instead, the server's process boots on the second core while this process imports torch
-and Prefect's client, and this process never imports the server package at all: the fixed
-start-up of ``cxr-screen screen`` drops from ~18 s to about the larger of the two.
+Two commands need a Prefect server of their own when no ``PREFECT_API_URL`` is configured:
 
-The server is the same one Prefect would start (same app factory, same ``PREFECT_HOME``
-database, UI off). It dies with the command: stopped at exit, and killed by the kernel if the
-command itself is killed (``PR_SET_PDEATHSIG``), so a SIGKILLed run leaves no orphan server.
-Its own output goes to a log file under ``PREFECT_HOME`` (shutdown tracebacks from Prefect's
-background services never reach the terminal); a start-up failure quotes that file's tail.
+- ``screen`` and ``nightly`` start a **temporary** server (:func:`start_local_server`): the same
+  app Prefect's own temporary server runs (UI and background services off), started first
+  thing, so that it boots on the second core while the command imports torch and Prefect's
+  client; the command never imports Prefect's server package, and its fixed start-up drops from
+  ~18 s to about the larger of the two.
+- ``serve`` starts a **full** one (``temporary=False``): scheduler and UI on, on a chosen port.
+
+Either way it is one uvicorn process running ``prefect.server.api.server:create_app`` on a
+loopback port, in a session of its own (a terminal's Ctrl-C reaches only the command, which
+stops it in order), writing to ``$PREFECT_HOME/cxr-screen-server.log`` rather than the terminal
+(a start-up failure quotes that file's tail). It dies with the command: stopped at exit, and
+killed by the kernel if the command itself is killed (``PR_SET_PDEATHSIG``, see :func:`spawn`).
+When the kernel cannot be asked to do that, the server is not started at all: the command fails
+with the reason instead of risking an orphan server.
 
 This module imports only the standard library: it must run before Prefect and torch load.
 """
@@ -26,163 +30,320 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["LocalPrefectServer", "LocalServerError", "start_local_server"]
+from flows.errors import UserError
 
-# Environment the server process gets on top of ours: what Prefect's own temporary server sets.
-_SERVER_ENV = {
+__all__ = [
+    "HOST",
+    "LocalPrefectServer",
+    "LocalServerError",
+    "configured_api_url",
+    "free_port",
+    "is_healthy",
+    "port_is_free",
+    "prefect_ready",
+    "spawn",
+    "start_local_server",
+    "stop_process_group",
+]
+
+HOST = "127.0.0.1"
+LOG_NAME = "cxr-screen-server.log"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+# On top of the environment, what Prefect's own temporary server sets, and what
+# ``prefect server start --scheduler`` sets for a full one.
+_TEMPORARY_ENV = {
     "PREFECT_UI_ENABLED": "0",
     "PREFECT__SERVER_EPHEMERAL": "1",
     "PREFECT__SERVER_FINAL": "1",
     "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
+}
+_FULL_ENV = {
+    "PREFECT__SERVER_FINAL": "1",
+    "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "true",
 }
 
 
-class LocalServerError(RuntimeError):
-    """The temporary Prefect server did not start."""
+class LocalServerError(UserError):
+    """A local Prefect server (or a child process that must die with us) did not start."""
 
 
-def _free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# --- small helpers ------------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the kernel sends SIGTERM to the server when the command's process dies."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except Exception:
-        pass
-
-
-def _prefect_home() -> Path:
+def prefect_home() -> Path:
     return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
 
 
-class LocalPrefectServer:
-    """One uvicorn process serving Prefect's API on a free loopback port."""
+def free_port(host: str = HOST) -> int:
+    """A loopback port nobody listens on right now."""
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
-    def __init__(self, log_path: Path | None = None) -> None:
-        self.port = _free_port()
-        self.api_url = f"http://127.0.0.1:{self.port}/api"
-        home = _prefect_home()
-        home.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_path or home / "cxr-screen-server.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, **_SERVER_ENV}
-        env.pop("PREFECT_API_URL", None)
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "--factory",
-                "prefect.server.api.server:create_app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--log-level",
-                "error",
-                "--lifespan",
-                "on",
-            ],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-        )
+
+def port_is_free(port: int, host: str = HOST) -> bool:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def is_healthy(api_url: str, timeout: float = 2.0) -> bool:
+    """True when ``GET <api_url>/health`` answers 200 (Prefect's own health route)."""
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def log_tail(path: Path, chars: int = 600) -> str:
+    """The end of a log file on one line (`` | `` between its lines)."""
+    try:
+        text = path.read_text(errors="replace").strip()
+    except OSError:
+        return "(no log)"
+    return text[-chars:].replace("\n", " | ") or "(empty)"
+
+
+# --- child processes that die with this one -----------------------------------------------------
+
+_prctl: Callable[..., int] | None = None
+
+
+def _load_prctl() -> Callable[..., int]:
+    """libc's ``prctl``, looked up in this process (never between fork and exec)."""
+    global _prctl
+    if _prctl is None:
+        try:
+            import ctypes
+
+            _prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError) as exc:
+            raise LocalServerError(
+                f"cannot ask the kernel to stop child processes with this one: libc's prctl "
+                f"is unavailable ({exc})"
+            ) from None
+    return _prctl
+
+
+def spawn(argv: list[str], *, what: str, **popen: Any) -> subprocess.Popen:
+    """``subprocess.Popen(argv)`` in a session of its own that, on Linux, the kernel SIGTERMs
+    when this process dies, however it dies (``PR_SET_PDEATHSIG``).
+
+    Raises :class:`LocalServerError` naming ``what`` and the reason when the kernel refuses:
+    a child that could outlive the command is not started.
+    """
+    if not sys.platform.startswith("linux"):
+        return subprocess.Popen(argv, start_new_session=True, **popen)
+    import ctypes
+
+    prctl = _load_prctl()
+    parent = os.getpid()
+    read_end, write_end = os.pipe()
+
+    def die_with_parent() -> None:  # runs in the child, between fork and exec
+        if prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+            reason = os.strerror(ctypes.get_errno() or 0)
+            os.write(write_end, f"PR_SET_PDEATHSIG failed: {reason}".encode())
+            raise OSError(reason)
+        if os.getppid() != parent:  # this process died before the request took effect
+            os._exit(1)
+
+    try:
+        return subprocess.Popen(argv, start_new_session=True, preexec_fn=die_with_parent, **popen)
+    except subprocess.SubprocessError:
+        os.close(write_end)
+        write_end = -1
+        reason = os.read(read_end, 500).decode(errors="replace") or "its set-up failed"
+        raise LocalServerError(
+            f"did not start {what}: the kernel could not be asked to stop it with this "
+            f"command ({reason}), so it could be left running"
+        ) from None
+    finally:
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
+
+
+def stop_process_group(
+    process: subprocess.Popen, grace: float, hurry: Callable[[], bool] = lambda: False
+) -> None:
+    """SIGTERM the leader of ``process``'s group, wait up to ``grace`` seconds (less once
+    ``hurry()`` says so), then SIGKILL whatever is left in the group."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while process.poll() is None and time.monotonic() < deadline and not hurry():
+            time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(10)
+
+
+# --- the server ---------------------------------------------------------------------------------
+
+
+class LocalPrefectServer:
+    """One uvicorn process serving Prefect's API on a loopback port.
+
+    ``temporary``: what Prefect's own temporary server runs (no UI, no scheduler, its log
+    rewritten each time); otherwise a full server with its scheduler and UI, appending to its
+    log. ``home``: its ``PREFECT_HOME`` (SQLite database); default the current one.
+    """
+
+    def __init__(
+        self,
+        *,
+        temporary: bool = True,
+        home: Path | None = None,
+        port: int | None = None,
+        startup_timeout: float | None = None,
+    ) -> None:
+        self.temporary = temporary
+        self.home = Path(home) if home is not None else prefect_home()
+        self.port = port or free_port()
+        self.api_url = f"http://{HOST}:{self.port}/api"
+        self.log_path = self.home / LOG_NAME
+        self.startup_timeout = startup_timeout
+        self.name = "Prefect's temporary server" if temporary else "the local Prefect server"
+        self.process: subprocess.Popen | None = None
         self._ready = False
+        self._stopped = False
+
+    def start(self) -> LocalPrefectServer:
+        env = {**os.environ, **(_TEMPORARY_ENV if self.temporary else _FULL_ENV)}
+        env["PREFECT_HOME"] = str(self.home)
+        env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        env.setdefault("DO_NOT_TRACK", "1")
+        env.pop("PREFECT_API_URL", None)
+        argv = [sys.executable, "-m", "uvicorn", "--factory"]
+        argv += ["prefect.server.api.server:create_app", "--host", HOST, "--port", str(self.port)]
+        argv += ["--log-level", "error" if self.temporary else "warning", "--lifespan", "on"]
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+            with self.log_path.open("wb" if self.temporary else "ab") as log:
+                self.process = spawn(
+                    argv,
+                    what=self.name,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+        except OSError as exc:
+            raise LocalServerError(f"could not start {self.name}: {exc}") from None
         atexit.register(self.stop)
+        return self
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until ``/api/health`` answers 200; raise LocalServerError with the log tail."""
         if self._ready:
             return
+        if self.process is None:
+            raise LocalServerError(f"{self.name} was never started")
         if timeout is None:
-            timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 180))
+            timeout = self.startup_timeout or float(
+                os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 180)
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             code = self.process.poll()
             if code is not None:
                 raise LocalServerError(
-                    f"Prefect's temporary server exited with code {code} before it was ready; "
-                    f"its log ({self.log_path}) ends with: {self._log_tail()}"
+                    f"{self.name} exited with code {code} before it was ready; "
+                    f"its log ({self.log_path}) ends with: {log_tail(self.log_path)}"
                 )
-            try:
-                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        self._ready = True
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
+            if is_healthy(self.api_url):
+                self._ready = True
+                return
             time.sleep(0.05)
         self.stop()
         raise LocalServerError(
-            f"Prefect's temporary server did not answer within {timeout:.0f} s "
+            f"{self.name} did not answer {self.api_url}/health within {timeout:.0f} s "
             "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); "
-            f"its log ({self.log_path}) ends with: {self._log_tail()}"
+            f"its log ({self.log_path}) ends with: {log_tail(self.log_path)}"
         )
 
-    def _log_tail(self, chars: int = 600) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").strip()
-        except OSError:
-            return "(no log)"
-        return text[-chars:].replace("\n", " | ") or "(empty)"
+    def exited(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
 
-    def stop(self) -> None:
-        """Terminate the server (idempotent); Prefect's clients must be done with it."""
-        proc = self.process
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if not self._log.closed:
-            self._log.close()
+    def stop(self, grace: float = 10.0, hurry: Callable[[], bool] = lambda: False) -> None:
+        """Stop the server (idempotent); Prefect's clients must be done with it."""
+        if self.process is not None and not self._stopped:
+            self._stopped = True
+            stop_process_group(self.process, grace, hurry)
         if os.environ.get("PREFECT_API_URL") == self.api_url:
             del os.environ["PREFECT_API_URL"]
 
 
-def _configured_api_url() -> str | None:
+# --- the temporary server of screen and nightly -------------------------------------------------
+
+
+def _read_toml(path: Path) -> dict[str, Any] | None:
+    """A TOML file's content, None when there is no such file; a broken one is an error."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise LocalServerError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise LocalServerError(
+            f"{path} is not valid TOML ({exc}); Prefect cannot read it either: fix it, or set "
+            "PREFECT_API_URL"
+        ) from None
+
+
+def _table(path: Path, value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise LocalServerError(f"{path}: {where} is not a table")
+    return value
+
+
+def configured_api_url() -> str | None:
     """An API URL Prefect would use instead of a temporary server, read without importing it.
 
     Looks where users set it: the environment, the active profile in
     ``$PREFECT_HOME/profiles.toml`` and ``[api] url`` in ``./prefect.toml``. (Importing
-    Prefect to ask would freeze its settings before this module can point it at our server.)
+    Prefect to ask would freeze its settings before this module can point it at our server;
+    when it is imported already, it is asked.)
+    A file that is there but unreadable raises :class:`LocalServerError`: it may name the
+    server the user meant.
     """
-    import tomllib
-
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
-    try:
-        profiles = tomllib.loads((_prefect_home() / "profiles.toml").read_text())
+    loaded = sys.modules.get("prefect.settings")
+    if loaded is not None:  # already imported (a test harness, a calling program): ask it
+        return loaded.PREFECT_API_URL.value() or None
+    path = prefect_home() / "profiles.toml"
+    profiles = _read_toml(path)
+    if profiles is not None:
         active = os.environ.get("PREFECT_PROFILE") or profiles.get("active", "ephemeral")
-        url = profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL")
+        table = _table(path, profiles.get("profiles", {}), "[profiles]")
+        profile = _table(path, table.get(active, {}), f"the profile [profiles.{active}]")
+        if profile.get("PREFECT_API_URL"):
+            return str(profile["PREFECT_API_URL"])
+    path = Path("prefect.toml")
+    project = _read_toml(path)
+    if project is not None:
+        url = _table(path, project.get("api", {}), "[api]").get("url")
         if url:
             return str(url)
-    except (OSError, tomllib.TOMLDecodeError, AttributeError):
-        pass
-    try:
-        url = tomllib.loads(Path("prefect.toml").read_text()).get("api", {}).get("url")
-        if url:
-            return str(url)
-    except (OSError, tomllib.TOMLDecodeError, AttributeError):
-        pass
     return None
 
 
@@ -192,15 +353,49 @@ def start_local_server() -> LocalPrefectServer | None:
     Call first thing in a command, before importing Prefect or torch, then ``wait_ready()``
     before the first flow call. Sets ``PREFECT_API_URL`` for this process so Prefect's client
     uses this server and does not start its own. Returns None when an API URL is configured
-    (see ``_configured_api_url``) or temporary servers are disabled.
+    (see :func:`configured_api_url`) or temporary servers are disabled.
     """
     if os.environ.get("PREFECT_API_URL"):
         return None
     for name in ("PREFECT_SERVER_EPHEMERAL_ENABLED", "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE"):
         if os.environ.get(name, "").strip().lower() in ("0", "false", "no", "off"):
             return None
-    if _configured_api_url():
+    if configured_api_url():
         return None
-    server = LocalPrefectServer()
+    server = LocalPrefectServer(temporary=True).start()
     os.environ["PREFECT_API_URL"] = server.api_url
     return server
+
+
+@contextlib.contextmanager
+def prefect_ready() -> Iterator[LocalPrefectServer | None]:
+    """A Prefect API for flows run in this process, ready when the block ends.
+
+    Starts the temporary server (unless one is configured), quiets Prefect's console logging,
+    and lets the block import the flow while the server boots in its own process; at the end
+    of the block, imports what the run needs first and waits for the server. Raises
+    :class:`LocalServerError` when the server cannot start.
+    """
+    from cli.console import quiet_console
+
+    server = start_local_server()
+    quiet_console()
+    yield server
+    _import_ahead()
+    if server is not None:
+        server.wait_ready()
+
+
+def _import_ahead() -> None:
+    """Import now what a run would import on its critical path, while the server boots.
+
+    Creating a flow run makes Prefect import FastAPI to serialise the parameters (~0.6 s here)
+    and opening the run imports Alembic (~0.35 s); the server takes longer to boot than the
+    command takes to import torch and the flow, so done here the wait absorbs them.
+    """
+    import importlib
+
+    for name in ("fastapi.encoders", "sql.db"):
+        # a later Prefect may not need FastAPI; the run imports what it needs anyway
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)

@@ -15,7 +15,7 @@ echo "cxr-screen: migrating the results database"
 cxr-screen db upgrade
 
 echo "cxr-screen: work pool '${pool}' and the fan-out deployments"
-python -m flows.fanout register --pool "${pool}"
+cxr-screen fanout register --pool "${pool}"
 
 echo "cxr-screen: deployments of ${code_dir}/prefect.yaml"
 cd "${code_dir}"

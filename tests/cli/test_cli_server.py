@@ -135,6 +135,7 @@ def test_killed_cli_takes_its_server_with_it(tmp_path):
 
 def test_configured_api_means_no_temporary_server(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    monkeypatch.delitem(sys.modules, "prefect.settings", raising=False)  # read the files
     monkeypatch.delenv("PREFECT_PROFILE", raising=False)
     monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_ENABLED", raising=False)
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
@@ -144,12 +145,13 @@ def test_configured_api_means_no_temporary_server(tmp_path, monkeypatch):
     (tmp_path / "profiles.toml").write_text(
         'active = "site"\n\n[profiles.site]\nPREFECT_API_URL = "http://prefect.example:4200/api"\n'
     )
-    assert local_server._configured_api_url() == "http://prefect.example:4200/api"
+    assert local_server.configured_api_url() == "http://prefect.example:4200/api"
     assert local_server.start_local_server() is None
 
 
 def test_temporary_server_answers_and_stops(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    monkeypatch.delitem(sys.modules, "prefect.settings", raising=False)
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.delenv("PREFECT_PROFILE", raising=False)
     server = local_server.start_local_server()
@@ -162,3 +164,106 @@ def test_temporary_server_answers_and_stops(tmp_path, monkeypatch):
         server.stop()
     assert server.process.poll() is not None
     assert "PREFECT_API_URL" not in os.environ
+
+
+# --- failures are loud: never an orphan server, never a silently ignored configuration -----
+
+
+@pytest.fixture
+def no_api(tmp_path, monkeypatch):
+    """No Prefect API configured anywhere: a temporary server would be started."""
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("PREFECT_PROFILE", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./prefect.toml
+    # As in a fresh command: Prefect not imported yet, so the files are read, not Prefect.
+    monkeypatch.delitem(sys.modules, "prefect.settings", raising=False)
+    return tmp_path
+
+
+def test_refused_pdeathsig_starts_no_server(no_api, monkeypatch):
+    """When the kernel cannot be asked to kill the server with the command, there is no server
+    (it could outlive a killed command) and the command is told why, in one line."""
+    import ctypes
+    import errno
+
+    def refusing_prctl(option, signum):  # runs in the forked child, like the real one
+        assert (option, signum) == (local_server.PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.set_errno(errno.EPERM)
+        return -1
+
+    monkeypatch.setattr(local_server, "_prctl", refusing_prctl)
+    before = {pid for pid, _ in children(os.getpid())}
+    with pytest.raises(local_server.LocalServerError) as caught:
+        local_server.start_local_server()
+    message = str(caught.value)
+    assert "did not start Prefect's temporary server" in message
+    assert "PR_SET_PDEATHSIG failed: Operation not permitted" in message
+    assert "\n" not in message
+    assert "PREFECT_API_URL" not in os.environ
+    started = [cmd for pid, cmd in children(os.getpid()) if pid not in before]
+    assert not any("uvicorn" in cmd for cmd in started), started
+
+
+def test_missing_prctl_starts_no_server(no_api, monkeypatch):
+    monkeypatch.setattr(local_server, "_prctl", None)
+
+    class NoLibc:
+        def __init__(self, *args, **kwargs):
+            raise OSError("libc.so.6: cannot open shared object file")
+
+    monkeypatch.setattr("ctypes.CDLL", NoLibc)
+    with pytest.raises(local_server.LocalServerError, match="libc's prctl is unavailable"):
+        local_server.start_local_server()
+
+
+@pytest.mark.parametrize(
+    ("where", "content", "reason"),
+    [
+        ("prefect/profiles.toml", 'active = "site"\n[profiles.site\n', "is not valid TOML"),
+        ("prefect/profiles.toml", 'active = "site"\nprofiles = 3\n', "[profiles] is not a table"),
+        (
+            "prefect/profiles.toml",
+            'active = "site"\n[profiles]\nsite = "x"\n',
+            "the profile [profiles.site] is not a table",
+        ),
+        ("prefect.toml", "[api\nurl = 1\n", "is not valid TOML"),
+    ],
+)
+def test_broken_prefect_configuration_is_an_error(no_api, where, content, reason):
+    """A profiles.toml or prefect.toml that cannot be read may name the server the user
+    meant: it is an error naming the file, not 'no API configured'."""
+    path = no_api / where
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+    with pytest.raises(local_server.LocalServerError) as caught:
+        local_server.start_local_server()
+    message = str(caught.value)
+    assert reason in message and where.split("/")[-1] in message, message
+    assert "PREFECT_API_URL" not in os.environ
+
+
+def test_broken_profiles_toml_through_the_cli(tmp_path):
+    """The real command: one line naming the file, exit status 2, no server started."""
+    home = tmp_path / "home"
+    (home / "prefect").mkdir(parents=True)
+    (home / "prefect" / "profiles.toml").write_text("active = [\n")
+    proc = subprocess.run(
+        [CLI, "screen", str(tmp_path), "--model", str(tmp_path / "m.pt")],
+        env=cli_env(home),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and "profiles.toml is not valid TOML" in lines[0]
+    assert not (home / "prefect" / "cxr-screen-server.log").exists()
+
+
+def test_waiting_for_a_server_never_started_is_an_error(tmp_path):
+    server = local_server.LocalPrefectServer(home=tmp_path)
+    with pytest.raises(local_server.LocalServerError, match="was never started"):
+        server.wait_ready()

@@ -418,7 +418,7 @@ def test_fanout_commands_need_a_prefect_server(command, monkeypatch):
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from typer.testing import CliRunner
 
-    from flows.fanout import cli
+    from cli.fanout import app as cli
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     with temporary_settings(restore_defaults={PREFECT_API_URL}):

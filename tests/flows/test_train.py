@@ -312,7 +312,7 @@ def test_train_command_output_and_fatal_error(
     import typer
     from typer.testing import CliRunner
 
-    from cli.demo import train_command
+    from cli.train import train_command
 
     monkeypatch.setenv("CXR_SCREEN_HOME", str(tmp_path / "home"))
     app = typer.Typer()
