@@ -2,7 +2,9 @@
 
 ``discover(sources)`` is a generator: it walks one directory at a time and reads archives member
 by member, so memory does not grow with the size of the tree or the archive. Every file it finds
-becomes a :class:`SourceFile` that can be re-opened in another process.
+becomes a :class:`SourceFile` that can be re-opened in another process. :class:`LocalFiles` is
+this as a ``tasks.dicom.sources.Source`` (the seam PACS sources implement too), and
+``SourceFile`` is its ``InputFile``; the rules below are that contract for files on disk.
 
 Rules (what a radiology informatics engineer expects from a drop folder or an old archive):
 
@@ -70,6 +72,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from tasks.dicom.outcomes import InputError
+from tasks.dicom.sources import InputFile
 
 Container = Literal["file", "zip", "tar", "inline"]
 
@@ -185,6 +188,25 @@ class SourceFile:
         if self.container == "zip":
             return _zip_open(self.path, self.member or "")
         raise ValueError(f"container {self.container!r} is not one of file, zip, tar, inline")
+
+
+@dataclass(frozen=True)
+class LocalFiles:
+    """Folders, single files and archives on disk (or mounted), as one source."""
+
+    paths: tuple[str, ...]
+    limits: ArchiveLimits = DEFAULT_LIMITS
+
+    @classmethod
+    def of(cls, paths: Iterable[str | Path], limits: ArchiveLimits = DEFAULT_LIMITS) -> LocalFiles:
+        return cls(tuple(os.fspath(p) for p in paths), limits)
+
+    @property
+    def uri(self) -> str:
+        return ", ".join(_display(os.path.abspath(p)) for p in self.paths)
+
+    def files(self) -> Iterator[InputFile]:
+        return discover(self.paths, self.limits)
 
 
 def discover(

@@ -51,8 +51,8 @@ from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from tasks.dicom.discovery import SourceFile
 from tasks.dicom.outcomes import InputError, SkipReason
+from tasks.dicom.sources import InputFile
 from tasks.dicom.tags import label, labels
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -150,7 +150,7 @@ def keyed_hash(key: bytes, value: str) -> str:
     return hmac.new(key, value.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
-def read_header(src: SourceFile, hmac_key: bytes) -> InstanceHeader:
+def read_header(src: InputFile, hmac_key: bytes) -> InstanceHeader:
     """Read the header of one file.
 
     Raises ``InputError`` (the file cannot be used; the text says why) and ``SkipReason`` for a
