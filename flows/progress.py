@@ -1,7 +1,16 @@
-"""A process-local progress listener: the CLI draws a progress bar from the flow's events.
+"""Progress events: the flows report what they do, whoever listens in this process draws it.
 
-Flow parameters must be serialisable, so the listener is not one: the CLI registers it here
-before calling the flow, and the flow reports through :func:`report`.
+Flow parameters must be serialisable, so a listener is not one: the caller (the CLI's
+``cli.console.PipelineProgress``) registers it here before calling the flow, and the flow
+reports through :func:`report`. Without a listener, reporting costs nothing.
+
+Events and their data:
+
+- ``start`` (run_id, total, ...), ``shard`` (seen, files, counts), ``done`` (the summary):
+  a screening run, from ``flows.screen`` and ``flows.fanout``;
+- ``train-start``, ``train-data`` (stage, done, total), ``train-dataset``, ``train-epoch``
+  (epoch, epochs, train_loss, val_auroc, ...), ``train-done``: a training run;
+- ``demo-stage`` (key, label, total / completed / done): the demo's own steps.
 """
 
 from __future__ import annotations
