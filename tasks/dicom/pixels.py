@@ -233,10 +233,14 @@ def _parse(open_fp: Callable[[], Any]) -> Dataset:
     try:
         with _context(open_fp()) as fp:
             return dcmread(fp)
-    except InvalidDicomError:
-        pass  # no preamble / 'DICM' prefix: try to read a bare data set below
+    except InvalidDicomError:  # no preamble / 'DICM' prefix: perhaps a bare data set
+        return _parse_bare(open_fp)
     except Exception as exc:
         raise InputError(f"cannot parse the DICOM file: {type(exc).__name__}: {exc}") from exc
+
+
+def _parse_bare(open_fp: Callable[[], Any]) -> Dataset:
+    """A data set written without the preamble and file meta (old ACR-NEMA style files)."""
     try:
         with _context(open_fp()) as fp:
             ds = dcmread(fp, force=True)
