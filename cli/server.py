@@ -1,12 +1,14 @@
 """The one launcher of a local Prefect server, and child processes that die with the command.
 
-Two commands need a Prefect server of their own when no ``PREFECT_API_URL`` is configured:
+The commands that run flows need a Prefect server of their own when no ``PREFECT_API_URL`` is
+configured:
 
-- ``screen`` and ``nightly`` start a **temporary** server (:func:`start_local_server`): the same
-  app Prefect's own temporary server runs (UI and background services off), started first
-  thing, so that it boots on the second core while the command imports torch and Prefect's
-  client; the command never imports Prefect's server package, and its fixed start-up drops from
-  ~18 s to about the larger of the two.
+- ``screen``, ``nightly``, ``train`` and ``demo`` start a **temporary** server
+  (:func:`prefect_ready`, :func:`start_local_server`): the same app Prefect's own temporary
+  server runs (UI and background services off), started first thing, so that it boots on the
+  second core while the command imports torch and Prefect's client; the command never imports
+  Prefect's server package, and its fixed start-up drops from ~18 s to about the larger of the
+  two.
 - ``serve`` starts a **full** one (``temporary=False``): scheduler and UI on, on a chosen port.
 
 Either way it is one uvicorn process running ``prefect.server.api.server:create_app`` on a
@@ -17,7 +19,8 @@ killed by the kernel if the command itself is killed (``PR_SET_PDEATHSIG``, see 
 When the kernel cannot be asked to do that, the server is not started at all: the command fails
 with the reason instead of risking an orphan server.
 
-This module imports only the standard library: it must run before Prefect and torch load.
+At import, this module loads only the standard library (and ``flows.errors``): it must run
+before Prefect and torch load.
 """
 
 from __future__ import annotations
