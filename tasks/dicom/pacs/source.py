@@ -1,0 +1,490 @@
+"""Query/retrieve as a source of the pipeline: PACS instances as ``SourceFile``s.
+
+``pacs_sources(spec, config, window=...)`` returns a :class:`PacsRetrieval`: iterate it for
+``SourceFile``s (the same objects discovery yields for folders and archives, so the header
+scan, selection and pixel path take them unchanged), then read per study whether everything
+the PACS announced arrived.
+
+How a run goes:
+
+1. **Studies**: one query per modality (CR, then DX: matching on the multi-valued
+   ModalitiesInStudy is optional in the standard), merged by Study Instance UID. A page that is
+   full (as many matches as the limit, the PACS's known cap, or a ``Warning`` header) means
+   there may be more than the page shows: the date window is halved and each half queried
+   again, down to single days; within a day, DICOMweb pages with ``offset``, and a page that
+   brings nothing new (a server that ignores ``offset``) ends the paging with the day recorded
+   in ``report.truncated``, never an endless loop.
+2. **Series** of each study, kept when their Modality is wanted and their BodyPartExamined
+   (when present) matches the policy's body parts; **instances** listed per kept series.
+3. **Retrieval** by ``connections`` workers (HTTP connections or DIMSE associations), with
+   retries and backoff inside the client; an instance that still fails becomes a *failed*
+   ``SourceFile`` whose reason names the PACS and the UID.
+4. A study's files are yielded together, once all of them have arrived or failed, after its
+   :class:`StudyCompleteness` is final: ``retrieval.completeness[study_uid]`` says whether the
+   study is complete by count, and if not, why (the flow records the study as partial and pulls
+   it again next run).
+
+Retrieved bytes travel inline in the ``SourceFile`` (``container="inline"``), or, with
+``spool_dir``, in a private folder (mode 0700, files 0600) from which ``release()`` deletes
+them once the flow has stored their shard; ``close()`` removes the folder and whatever is
+left in it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from tasks.dicom.discovery import SourceFile
+from tasks.dicom.pacs.common import (
+    EchoResult,
+    InstanceFailure,
+    InstanceRef,
+    PacsAuthError,
+    PacsError,
+    PacsUnreachable,
+    SeriesCount,
+    SeriesMatch,
+    StudyCompleteness,
+    StudyMatch,
+    StudyWindow,
+    body_part_wanted,
+    source_uri,
+)
+from tasks.dicom.pacs.config import PacsConfig, PacsEntry
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODALITIES = ("CR", "DX")
+DEFAULT_BODY_PARTS = ("CHEST", "THORAX", "TORAX", "LUNG")
+
+
+class PacsClient(Protocol):
+    """What a DICOMweb or DIMSE client offers the retrieval run."""
+
+    scheme: str
+    name: str
+    entry: PacsEntry
+    supports_offset: bool
+
+    def echo(self) -> EchoResult: ...
+
+    def study_page(
+        self,
+        window: StudyWindow | None,
+        modality: str | None,
+        offset: int,
+        study_uid: str = "",
+        limit: int | None = None,
+    ) -> tuple[list[StudyMatch], bool]: ...
+
+    def find_series(self, study_uid: str) -> list[SeriesMatch]: ...
+
+    def find_instances(self, series: SeriesMatch) -> list[InstanceRef]: ...
+
+    def work_units(
+        self, series: SeriesMatch, refs: list[InstanceRef]
+    ) -> list[list[InstanceRef]]: ...
+
+    def retrieve(
+        self, unit: list[InstanceRef]
+    ) -> Iterable[tuple[InstanceRef, bytes | InstanceFailure]]: ...
+
+    def close(self) -> None: ...
+
+
+def make_client(entry: PacsEntry) -> PacsClient:
+    if entry.kind == "dicomweb":
+        from tasks.dicom.pacs.dicomweb import DicomWebClient
+
+        return DicomWebClient(entry)
+    from tasks.dicom.pacs.dimse import DimseClient
+
+    return DimseClient(entry)
+
+
+def echo(entry: PacsEntry) -> EchoResult:
+    """C-ECHO (DIMSE) or a QIDO-RS ping (DICOMweb); ``PacsError`` with one line on failure."""
+    client = make_client(entry)
+    try:
+        return client.echo()
+    finally:
+        client.close()
+
+
+# --- the study query ---------------------------------------------------------------------------
+
+
+@dataclass
+class RetrievalReport:
+    """Counts of one retrieval run (no UIDs beyond the truncated windows, no patient data)."""
+
+    pacs: str
+    studies: int = 0
+    studies_complete: int = 0
+    studies_partial: int = 0
+    series_selected: int = 0
+    series_filtered: int = 0
+    instances_listed: int = 0
+    instances_retrieved: int = 0
+    instances_failed: int = 0
+    bytes_retrieved: int = 0
+    queries: int = 0
+    truncated: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        text = (
+            f"PACS {self.pacs!r}: {self.studies} studies ({self.studies_partial} partial), "
+            f"{self.series_selected} series selected, {self.series_filtered} filtered, "
+            f"{self.instances_retrieved}/{self.instances_listed} instances retrieved "
+            f"({self.instances_failed} failed), {self.bytes_retrieved / 1e6:.1f} MB "
+            f"in {self.seconds:.1f} s"
+        )
+        if self.truncated:
+            text += f"; query capped for {', '.join(self.truncated)}"
+        return text
+
+
+def find_studies(
+    client: PacsClient,
+    window: StudyWindow | None,
+    modalities: Iterable[str],
+    report: RetrievalReport | None = None,
+) -> list[StudyMatch]:
+    """Studies with any of ``modalities`` in ``window``: one query per modality, merged by UID
+    (first seen order), with the window split wherever a page was full."""
+    report = report if report is not None else RetrievalReport(client.name)
+    merged: dict[str, StudyMatch] = {}
+    for modality in modalities:
+        for match in _collect(client, window, modality, report):
+            if match.study_uid in merged:
+                old = merged[match.study_uid]
+                mods = tuple(dict.fromkeys((*old.modalities, *match.modalities)))
+                merged[match.study_uid] = StudyMatch(
+                    old.study_uid, old.study_date, mods, old.announced or match.announced
+                )
+            else:
+                merged[match.study_uid] = match
+    return list(merged.values())
+
+
+def _collect(
+    client: PacsClient, window: StudyWindow | None, modality: str, report: RetrievalReport
+) -> list[StudyMatch]:
+    report.queries += 1
+    page, full = client.study_page(window, modality, 0)
+    if not full:
+        return page
+    halves = window.split() if window is not None else None
+    if halves is not None:
+        return _collect(client, halves[0], modality, report) + _collect(
+            client, halves[1], modality, report
+        )
+    # One day (or no window) and still full: a page ten times larger first (Orthanc 1.10's
+    # DICOMweb plugin answers an empty page to any offset > 0 when ModalitiesInStudy is a
+    # filter), then pages with offset where the server supports it.
+    seen = {m.study_uid: m for m in page}
+    empty_after_full = False
+    if client.supports_offset:
+        limit = client.entry.page_size * 10
+        offset = 0
+        while full:
+            report.queries += 1
+            page, full = client.study_page(window, modality, offset, limit=limit)
+            new = [m for m in page if m.study_uid not in seen]
+            if not page and offset:
+                empty_after_full = True
+            if not new and offset:
+                break  # nothing new: the server ignores offset
+            seen.update((m.study_uid, m) for m in new)
+            offset += len(page)
+    if full or empty_after_full:
+        where = f"{window or 'all dates'} ({modality}: {len(seen)} studies received)"
+        report.truncated.append(where)
+        log.warning(
+            "PACS %r %s the study query for %s; more studies may exist",
+            client.name,
+            "capped" if full else "answered an empty page after a full one to",
+            where,
+        )
+    return list(seen.values())
+
+
+# --- the retrieval run -------------------------------------------------------------------------
+
+
+@dataclass
+class _Study:
+    completeness: StudyCompleteness
+    pending: int = 0
+    listed: bool = False
+    files: list[SourceFile] = field(default_factory=list)
+
+
+class PacsRetrieval:
+    """One query/retrieve run against one PACS; iterate it (once) for ``SourceFile``s.
+
+    window / study_uids: which studies (a study-date window, and/or explicit Study Instance
+        UIDs, e.g. the studies that were partial last run).
+    modalities: one study query each; series of other modalities are not retrieved.
+    body_parts: series whose BodyPartExamined is present and names none of these are not
+        retrieved (None: no body-part filter).
+    connections: parallel HTTP connections or DIMSE associations (default: the entry's).
+    spool_dir: where a private spool folder is made; None keeps the bytes in memory.
+    """
+
+    def __init__(
+        self,
+        client: PacsClient,
+        *,
+        window: StudyWindow | None = None,
+        study_uids: Iterable[str] = (),
+        modalities: Iterable[str] = DEFAULT_MODALITIES,
+        body_parts: Iterable[str] | None = DEFAULT_BODY_PARTS,
+        connections: int | None = None,
+        spool_dir: str | os.PathLike[str] | None = None,
+        max_consecutive_failures: int | None = None,
+    ) -> None:
+        self.client = client
+        self.name = client.name
+        self.window = window
+        self.study_uids = tuple(dict.fromkeys(study_uids))
+        if window is None and not self.study_uids:
+            raise ValueError("give a study-date window or study UIDs to retrieve")
+        self.modalities = tuple(m.strip().upper() for m in modalities)
+        self.body_parts = tuple(body_parts) if body_parts is not None else None
+        self.connections = connections or client.entry.connections
+        if self.connections < 1:
+            raise ValueError(f"connections should be at least 1 instead of {self.connections}")
+        self.max_consecutive_failures = max_consecutive_failures or max(8, 2 * self.connections)
+        self.completeness: dict[str, StudyCompleteness] = {}
+        self.report = RetrievalReport(self.name)
+        self._spool: Path | None = None
+        if spool_dir is not None:
+            Path(spool_dir).mkdir(parents=True, exist_ok=True)
+            self._spool = Path(tempfile.mkdtemp(prefix="cxr-pacs-", dir=spool_dir))
+            os.chmod(self._spool, 0o700)
+        self._started = False
+        self._consecutive = 0
+
+    # --- public ------------------------------------------------------------------------------
+
+    def studies(self) -> list[StudyMatch]:
+        """The studies this run retrieves (queries the PACS)."""
+        found = []
+        if self.window is not None:
+            found = find_studies(self.client, self.window, self.modalities, self.report)
+        known = {s.study_uid for s in found}
+        for uid in self.study_uids:
+            if uid in known:
+                continue
+            self.report.queries += 1
+            page, _ = self.client.study_page(None, None, 0, study_uid=uid)
+            found += [m for m in page if m.study_uid == uid][:1]
+            known.add(uid)
+        return found
+
+    def partial_studies(self) -> list[StudyCompleteness]:
+        return [c for c in self.completeness.values() if not c.complete]
+
+    def __iter__(self) -> Iterator[SourceFile]:
+        if self._started:
+            raise RuntimeError("a PacsRetrieval is iterated once")
+        self._started = True
+        started = time.perf_counter()
+        try:
+            yield from self._run()
+        finally:
+            self.report.seconds = time.perf_counter() - started
+            self.report.studies_partial = len(self.partial_studies())
+            self.report.studies_complete = len(self.completeness) - self.report.studies_partial
+
+    def release(self, files: Iterable[SourceFile]) -> None:
+        """Delete the spooled copies of ``files`` (their shard is stored)."""
+        if self._spool is None:
+            return
+        for src in files:
+            if src.container == "file" and src.path and Path(src.path).parent == self._spool:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(src.path)
+
+    def close(self) -> None:
+        """Remove the spool folder and close the PACS connections."""
+        if self._spool is not None:
+            shutil.rmtree(self._spool, ignore_errors=True)
+        self.client.close()
+
+    def __enter__(self) -> PacsRetrieval:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- the run -----------------------------------------------------------------------------
+
+    def _run(self) -> Iterator[SourceFile]:
+        studies = self.studies()
+        self.report.studies = len(studies)
+        log.info("PACS %r: %d studies to retrieve", self.name, len(studies))
+        max_inflight = 2 * self.connections
+        inflight: dict[cf.Future, tuple[str, list[InstanceRef]]] = {}
+        states: dict[str, _Study] = {}
+        with cf.ThreadPoolExecutor(self.connections, thread_name_prefix="pacs") as pool:
+            try:
+                for study in studies:
+                    state = _Study(StudyCompleteness(self.name, study.study_uid))
+                    states[study.study_uid] = state
+                    self.completeness[study.study_uid] = state.completeness
+                    for series, refs in self._listing(study.study_uid, state):
+                        for unit in self.client.work_units(series, refs):
+                            while len(inflight) >= max_inflight:
+                                yield from self._drain(inflight, states, block=True)
+                            inflight[pool.submit(self._retrieve, unit)] = (study.study_uid, unit)
+                            state.pending += 1
+                    state.listed = True
+                    yield from self._finish_if_done(study.study_uid, states)
+                    yield from self._drain(inflight, states, block=False)
+                while inflight:
+                    yield from self._drain(inflight, states, block=True)
+            finally:
+                for future in inflight:
+                    future.cancel()
+
+    def _listing(
+        self, study_uid: str, state: _Study
+    ) -> Iterator[tuple[SeriesMatch, list[InstanceRef]]]:
+        """The kept series of a study with their instances; a listing that fails makes the
+        study partial (with the reason) unless the PACS is unreachable or refuses us."""
+        counts = state.completeness
+        try:
+            series_list = self.client.find_series(study_uid)
+        except (PacsUnreachable, PacsAuthError):
+            raise
+        except PacsError as exc:
+            counts.errors.append(str(exc))
+            return
+        for series in series_list:
+            modality = (series.modality or "").upper()
+            if modality not in self.modalities or not body_part_wanted(
+                series.body_part, self.body_parts
+            ):
+                counts.series_filtered += 1
+                self.report.series_filtered += 1
+                continue
+            self.report.series_selected += 1
+            count = SeriesCount(series.series_uid, series.announced)
+            counts.series[series.series_uid] = count
+            try:
+                refs = self.client.find_instances(series)
+            except (PacsUnreachable, PacsAuthError):
+                raise
+            except PacsError as exc:
+                counts.errors.append(str(exc))
+                continue
+            count.listed = len(refs)
+            self.report.instances_listed += len(refs)
+            if refs:
+                yield series, refs
+
+    def _retrieve(self, unit: list[InstanceRef]) -> list[tuple[InstanceRef, SourceFile, int]]:
+        """In a worker thread: retrieve a unit; store each instance (spool or inline)."""
+        out = []
+        for ref, result in self.client.retrieve(unit):
+            uri = source_uri(self.client.scheme, self.name, ref)  # type: ignore[arg-type]
+            if isinstance(result, InstanceFailure):
+                out.append((ref, SourceFile(uri=uri, path="", error=str(result)), -1))
+            else:
+                out.append((ref, self._keep(uri, ref, result), len(result)))
+        return out
+
+    def _keep(self, uri: str, ref: InstanceRef, data: bytes) -> SourceFile:
+        if self._spool is None:
+            return SourceFile(uri=uri, path="", container="inline", size=len(data), data=data)
+        name = hashlib.sha256(ref.sop_uid.encode()).hexdigest()[:40] + ".dcm"
+        path = self._spool / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return SourceFile(uri=uri, path=str(path), size=len(data))
+
+    def _drain(
+        self,
+        inflight: dict[cf.Future, tuple[str, list[InstanceRef]]],
+        states: dict[str, _Study],
+        block: bool,
+    ) -> Iterator[SourceFile]:
+        if not inflight:
+            return
+        done, _ = cf.wait(
+            list(inflight), timeout=None if block else 0, return_when=cf.FIRST_COMPLETED
+        )
+        for future in done:
+            study_uid, _unit = inflight.pop(future)
+            state = states[study_uid]
+            state.pending -= 1
+            results = future.result()  # PacsAuthError / PacsUnreachable stop the run
+            for ref, src, size in results:
+                count = state.completeness.series.get(ref.series_uid)
+                if size < 0:
+                    self.report.instances_failed += 1
+                    if count is not None:
+                        count.failed += 1
+                    self._consecutive += 1
+                else:
+                    self.report.instances_retrieved += 1
+                    self.report.bytes_retrieved += size
+                    if count is not None:
+                        count.arrived += 1
+                    self._consecutive = 0
+                state.files.append(src)
+            if self._consecutive >= self.max_consecutive_failures:
+                raise PacsUnreachable(
+                    f"PACS {self.name!r}: {self._consecutive} instances in a row failed; "
+                    f"stopping (last: {results[-1][1].error})"
+                )
+            yield from self._finish_if_done(study_uid, states)
+
+    def _finish_if_done(self, study_uid: str, states: dict[str, _Study]) -> Iterator[SourceFile]:
+        state = states[study_uid]
+        if not state.listed or state.pending:
+            return
+        del states[study_uid]
+        if not state.completeness.complete:
+            log.info("PACS %r: %s", self.name, state.completeness.reason)
+        yield from state.files
+
+
+def pacs_sources(
+    spec: str,
+    config: PacsConfig,
+    *,
+    window: StudyWindow | None = None,
+    study_uids: Iterable[str] = (),
+    modalities: Iterable[str] = DEFAULT_MODALITIES,
+    body_parts: Iterable[str] | None = DEFAULT_BODY_PARTS,
+    connections: int | None = None,
+    spool_dir: str | os.PathLike[str] | None = None,
+) -> PacsRetrieval:
+    """A retrieval run for a source argument (``pacs://main``, ``dicomweb+https://...``,
+    ``dimse://AET@host:port`` or a configured name). Use it as a context manager."""
+    entry = config.resolve(spec)
+    return PacsRetrieval(
+        make_client(entry),
+        window=window,
+        study_uids=study_uids,
+        modalities=modalities,
+        body_parts=body_parts,
+        connections=connections,
+        spool_dir=spool_dir,
+    )
