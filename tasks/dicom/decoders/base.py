@@ -92,7 +92,10 @@ class Backend(ABC):
     reduced: bool = False  # a reduced-resolution route: tried first, only when allowed
 
     def unavailable(self, tsyntax: UID) -> str | None:
-        """None when this backend can decode ``tsyntax`` here; else what is missing."""
+        """None when this backend can decode ``tsyntax`` here; else what is missing.
+
+        Called for every frame: cache what is slow to find out (an import, a device probe).
+        """
         return None
 
     @abstractmethod
