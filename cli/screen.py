@@ -45,18 +45,21 @@ def screen_command(
     """Screen DICOM sources with a model version and write the results to the database."""
     database_via_settings(db)
     with exit_on_error(), prefect_ready():
+        from flows.parameters import ScreenParameters
         from flows.screen import screen
     summary = run_with_progress(
         screen,
         sources=[str(s) for s in sources],
         model=str(model) if model else None,
-        force=force,
-        shard_size=shard_size,
-        workers=workers,
-        batch_size=batch_size,
-        device=device,
-        reduced=not full_decode,
-        kind=kind,
+        params=ScreenParameters(
+            force=force,
+            shard_size=shard_size,
+            workers=workers,
+            batch_size=batch_size,
+            device=device,
+            reduced=not full_decode,
+            kind=kind,
+        ),
     )
     print_summary(summary, as_json)
 

@@ -27,6 +27,8 @@ from tasks.dicom.pixels import preprocess
 from tasks.dicom.selection import DEFAULT_POLICY, SelectionPolicy, select
 from tasks.dicom.thumbnails import write_thumbnail
 
+NO_HEADER_REASON = "no header was read from the file, so it cannot be decoded or stored"
+
 
 @dataclass
 class ScanItem:

@@ -35,15 +35,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from model.checkpoint import Checkpoint
 from sql import manifests as store
-from sql import predictions, runs, shards
+from sql import predictions, runs
+from sql.db import session_factory
+from sql.shards import ShardResult
 from tasks.dicom.discovery import DEFAULT_LIMITS, ArchiveLimits, SourceFile, discover
 from tasks.dicom.selection import SelectionPolicy
 from tasks.ingest import scan_file
-from tasks.screening import PendingShard, ShardProcessor, plan_skips
+from tasks.screening import RunContext, ShardProcessor, ShardRows
+from tasks.shard_loop import ShardLoop, ShardSteps, Steps, Tally
 
 RECORD_FIELDS = ("uri", "path", "member", "container", "offset", "size", "error")
 _DEFAULTS = {"member": None, "container": "file", "offset": 0, "size": None, "error": None}
@@ -310,24 +314,42 @@ def check_worker(manifest: store.Manifest, checkpoint_sha256: str | None, hmac_k
         )
 
 
+def check_job(manifest: store.Manifest, job_key: str | None) -> None:
+    """Refuse a manifest of another job: the parent names its job, and a worker whose
+    database is not the parent's would otherwise screen some other job's manifest."""
+    if job_key is not None and manifest.job_key != job_key:
+        raise FanoutMismatch(
+            f"shard manifest {manifest.manifest_id} in this worker's results database belongs "
+            f"to fan-out job {manifest.job_key!r}, not {job_key!r}: the worker's "
+            "CXR_SCREEN_DATABASE_URL must name the database the job was planned in"
+        )
+
+
 def screen_manifest(
-    sessions: sessionmaker[Session],
+    engine: Engine,
     manifest_id: int,
     processor: ShardProcessor,
     *,
     hmac_key: bytes,
     worker: str,
+    job_key: str | None = None,
     prefect_flow_run_id: str | None = None,
     on_chunk: Callable[[ManifestResult], None] | None = None,
+    wrap_steps: Callable[[ShardSteps], Steps] | None = None,
 ) -> ManifestResult:
     """Claim a manifest and screen its remaining files, one transaction per chunk.
 
-    Each chunk: header scan + selection, plan (skip what the model version already
-    predicted unless ``force``), decode (in the processor's pool, overlapping the previous
-    chunk's scoring and writing) + infer, then in ONE transaction: write the chunk,
-    re-aggregate its studies, advance the manifest. A failure marks the claim failed (for the
-    parent and the operator) and raises. ``on_chunk(result)`` is called after each commit.
+    The chunks go through the shard loop (``tasks/shard_loop.py``) as a screening run's
+    shards do: header scan + selection, plan (skip what the model version already predicted
+    unless ``force``), decode in the processor's pool while the previous chunk is scored and
+    the one before it written, then in ONE transaction: write the chunk, re-aggregate its
+    studies, advance the manifest. A failure marks the claim failed (for the parent and the
+    operator) and raises. ``on_chunk(result)`` is called after each commit; ``wrap_steps``
+    turns the loop's plain steps into others (Prefect tasks, in a flow).
     """
+    sessions = session_factory(engine)
+    with sessions() as session:
+        check_job(store.get_manifest(session, manifest_id, with_files=False), job_key)
     with sessions.begin() as session:
         manifest = store.claim_manifest(
             session, manifest_id, worker=worker, prefect_flow_run_id=prefect_flow_run_id
@@ -335,78 +357,74 @@ def screen_manifest(
     result = ManifestResult(manifest, already_done=manifest.done)
     if manifest.done:
         return result
-    attempt = manifest.attempts
     try:
         check_worker(manifest, processor.checkpoint.sha256, hmac_key)
         p = manifest.parameters
         policy = SelectionPolicy.from_dict(p["selection"]) if p.get("selection") else None
         policy = policy or SelectionPolicy()
-        force = bool(p.get("force", False))
-        aggregation = p.get("aggregation", "max")
-        done = manifest.files_done
-        remaining = (manifest.files or [])[done:]
-        if len(remaining) != manifest.n_files - done:
+        remaining = (manifest.files or [])[manifest.files_done :]
+        if len(remaining) != manifest.n_files - manifest.files_done:
             raise store.ManifestError(
                 f"shard manifest {manifest_id} lists {len(manifest.files or [])} files but "
                 f"expects {manifest.n_files}; its file list was removed or damaged"
             )
-
-        def commit(chunk: list[dict[str, Any]], pending: PendingShard) -> None:
-            nonlocal done
-            rows = processor.collect(pending)
-            with sessions.begin() as session:
-                written = shards.write_shard(
-                    session,
-                    run_id=manifest.run_id,
-                    model_id=manifest.model_id,
-                    instances=rows.instances,
-                    outcomes=rows.outcomes,
-                    predictions=rows.predictions,
-                    force=force,
-                )
-                if written.study_uids:
-                    predictions.upsert_study_predictions(
-                        session,
-                        manifest.model_id,
-                        manifest.run_id,
-                        aggregation,
-                        sorted(written.study_uids),
-                        force=force,
-                    )
-                counts = rows.final_counts(written)
-                result.manifest = store.record_progress(
-                    session,
-                    manifest_id,
-                    attempt=attempt,
-                    files_done_before=done,
-                    files=len(chunk),
-                    counts=counts,
-                    study_uids=written.study_uids,
-                )
-            done += len(chunk)
-            result.files += len(chunk)
-            result.counts += counts
-            result.reasons += rows.reasons
-            if on_chunk is not None:
-                on_chunk(result)
-
-        # The decode pool works on the next chunk while this process scores and writes the
-        # previous one (as the single-process flow does).
-        previous: tuple[list[dict[str, Any]], PendingShard] | None = None
-        for chunk in batches(remaining, int(p.get("shard_size", 256))):
-            items = [scan_file(from_record(r), policy, hmac_key) for r in chunk]
-            skip = plan_skips(sessions, manifest.model_id, items, force)
-            pending = processor.submit(items, skip)
-            if previous is not None:
-                commit(*previous)
-            previous = (chunk, pending)
-        if previous is not None:
-            commit(*previous)
+        progress = _ManifestProgress(result, manifest.attempts, manifest.files_done, on_chunk)
+        run = RunContext.on(
+            engine, processor.checkpoint, model_id=manifest.model_id, run_id=manifest.run_id
+        )
+        steps = ShardSteps(
+            run,
+            processor,
+            force=bool(p.get("force", False)),
+            aggregation=p.get("aggregation", "max"),
+            then=progress.record,
+        )
+        chunks = (
+            [scan_file(from_record(r), policy, hmac_key) for r in chunk]
+            for chunk in batches(remaining, int(p.get("shard_size", 256)))
+        )
+        ShardLoop(wrap_steps(steps) if wrap_steps else steps, progress.stored).run(chunks)
     except BaseException as exc:
         if not isinstance(exc, store.ManifestLost):
-            _record_failure(sessions, manifest_id, attempt, exc)
+            _record_failure(sessions, manifest_id, manifest.attempts, exc)
         raise
     return result
+
+
+@dataclass
+class _ManifestProgress:
+    """A claim's progress: recorded in each chunk's transaction, counted once it commits."""
+
+    result: ManifestResult
+    attempt: int  # the claim's token
+    done: int  # files of the manifest committed so far
+    on_chunk: Callable[[ManifestResult], None] | None = None
+    _recorded: store.Manifest | None = None
+
+    def record(self, session: Session, rows: ShardRows, written: ShardResult) -> None:
+        """In the chunk's transaction (raises ``ManifestLost`` when the claim was lost)."""
+        self._recorded = store.record_progress(
+            session,
+            self.result.manifest.manifest_id,
+            attempt=self.attempt,
+            files_done_before=self.done,
+            files=rows.files,
+            counts=rows.final_counts(written),
+            study_uids=written.study_uids,
+        )
+
+    def stored(self, rows: ShardRows, counts: Counter, tally: Tally) -> None:
+        """After the chunk's commit (writes are in order: the next one starts after this)."""
+        self.done += rows.files
+        if self._recorded is not None:
+            self.result.manifest = self._recorded
+        self.result.files, self.result.counts, self.result.reasons = (
+            tally.files,
+            Counter(tally.counts),
+            Counter(tally.reasons),
+        )
+        if self.on_chunk is not None:
+            self.on_chunk(self.result)
 
 
 def _record_failure(
@@ -455,6 +473,46 @@ def aggregate_studies(
             predictions.upsert_study_predictions(
                 session, model_id, run_id, aggregation, part, force=force
             )
+
+
+def finish_job(
+    sessions: sessionmaker[Session],
+    job: Job,
+    *,
+    aggregation: str,
+    force: bool,
+    spool_dir: str | os.PathLike[str] | None = None,
+) -> tuple[list[store.Manifest], dict[str, int], list[str]]:
+    """Once every manifest is done: re-aggregate the studies split across manifests, close the
+    run as completed and remove the job's spool. Returns the manifests, the job's counts and
+    the split studies."""
+    with sessions() as session:
+        final = store.job_manifests(session, job.job_key)
+    counts = job_counts(final)
+    split = split_study_uids(final)
+    aggregate_studies(
+        sessions,
+        split,
+        model_id=job.model_id,
+        run_id=job.run_id,
+        aggregation=aggregation,
+        force=force,
+    )
+    close_job(sessions, job, counts=counts)
+    remove_spool(spool_dir, job.job_key)
+    return final, counts, split
+
+
+def fail_job(sessions: sessionmaker[Session], job: Job, exc: BaseException) -> None:
+    """Close the job's run as failed with ``exc`` as the reason; its manifests keep the
+    progress for a retry. If that fails too (the database may be what failed), it is noted on
+    ``exc``, the error that matters."""
+    try:
+        with sessions() as session:
+            so_far = job_counts(store.job_manifests(session, job.job_key))
+        close_job(sessions, job, counts=so_far, error=f"{type(exc).__name__}: {exc}")
+    except Exception as inner:
+        exc.add_note(f"(closing run {job.run_id} as failed also failed: {inner})")
 
 
 def job_counts(manifests: Sequence[store.Manifest]) -> dict[str, int]:

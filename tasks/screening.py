@@ -1,31 +1,35 @@
-"""Screening one shard: plan, decode in worker processes, infer in batches, persist.
+"""Screening shards: plan, decode in worker processes, infer in batches, persist.
 
-Plain functions and one small class (:class:`ShardProcessor`, which owns the predictor and the
-decode pool for a whole run). No Prefect here: ``flows/screen.py`` wraps these as tasks.
+Plain functions and one class, :class:`ShardProcessor`, which owns the predictor and the decode
+pool for a whole run. The run's engine belongs to its caller (the flow opens it once and passes
+it in); nothing here creates one. No Prefect here: ``tasks/shard_loop.py`` runs these steps
+shard after shard, and ``tasks/prefect_tasks.py`` wraps them as Prefect tasks.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import multiprocessing
-import os
 import time
 from collections import Counter
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from model.checkpoint import Checkpoint
 from model.predictor import Predictor
-from sql import writes
+from sql import predictions, runs, shards
+from sql.db import session_factory
+from tasks import decode_pool
+from tasks.decode_pool import DecodeJob, DecodePool, default_workers
+from tasks.dicom.headers import InstanceHeader
 from tasks.dicom.outcomes import Outcome
-from tasks.ingest import Decoded, ScanItem, decode_item, decode_many, init_worker
+from tasks.ingest import NO_HEADER_REASON, Decoded, ScanItem
 
 
 @dataclass
@@ -45,7 +49,7 @@ class ShardRows:
     def files(self) -> int:
         return sum(self.counts.values()) + self.already_done
 
-    def final_counts(self, written: writes.ShardResult) -> Counter:
+    def final_counts(self, written: shards.ShardResult) -> Counter:
         """Counts for the run summary once the shard is stored: the database's outcome counts
         (a UID conflict turns a file into *failed*) plus the already-predicted files, which
         this run skipped without rewriting their rows."""
@@ -53,16 +57,21 @@ class ShardRows:
         counts[Outcome.SKIPPED.value] += self.already_done
         return counts
 
+    def add(self, item: ScanItem, outcome: Outcome, reason: str | None, **extra: Any) -> None:
+        """One file's outcome row, counted (a reason for a skipped or failed file)."""
+        self.outcomes.append(_outcome(item, outcome, reason, **extra))
+        self.counts[outcome.value] += 1
+        if outcome != Outcome.PREDICTED:
+            self.reasons[reason or ""] += 1
 
-def header_instance(item: ScanItem, content_sha256: str) -> dict[str, Any]:
+
+def header_instance(uri: str, h: InstanceHeader, content_sha256: str) -> dict[str, Any]:
     """The instance row for a decoded file (header facts only; no raw identifiers)."""
-    h = item.header
-    assert h is not None
     return {
         "sop_instance_uid": h.sop_instance_uid,
         "study_instance_uid": h.study_instance_uid,
         "series_instance_uid": h.series_instance_uid,
-        "source_uri": item.uri,
+        "source_uri": uri,
         "content_sha256": content_sha256,
         "modality": h.modality,
         "body_part": h.body_part_examined,
@@ -99,10 +108,21 @@ def already_predicted_reason(checkpoint: Checkpoint) -> str:
     )
 
 
-class ShardProcessor:
-    """Decodes shards in a spawn-context process pool and scores them in batches.
+@dataclass
+class PendingShard:
+    """A shard whose decoding is under way in the pool (see ``ShardProcessor.submit``)."""
 
-    ``workers=0`` decodes in this process (simplest, for small jobs and tests).
+    rows: ShardRows
+    todo: list[tuple[ScanItem, InstanceHeader]]  # the selected files being decoded
+    job: DecodeJob
+    submitted: float
+
+
+class ShardProcessor:
+    """Decodes shards in the decode pool (``tasks/decode_pool.py``) and scores them in batches.
+
+    ``workers=0`` decodes in this process (simplest, for small jobs and tests); None: the
+    default for the device (``decode_pool.default_workers``).
     """
 
     def __init__(
@@ -124,63 +144,28 @@ class ShardProcessor:
         self.thumbnails_dir = str(thumbnails_dir) if thumbnails_dir else None
         self.spec_dict = checkpoint.preprocessing.to_dict()
         self.spec_sha256 = checkpoint.preprocessing.sha256
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: DecodePool | None = None
         self._threads_before: int | None = None
 
     def __enter__(self) -> ShardProcessor:
+        self._pool = DecodePool(self.workers)
         if self.workers > 0:
-            self._pool = self._new_pool()
             self._threads_before = limit_inference_threads(self.predictor, self.workers)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.close()
             self._pool = None
         if self._threads_before is not None:
             torch.set_num_threads(self._threads_before)
             self._threads_before = None
 
-    def _args(self, items: list[ScanItem]) -> list[tuple]:
-        return [
-            (
-                it.source,
-                it.header.sop_instance_uid,
-                self.spec_dict,
-                self.reduced,
-                self.thumbnails_dir,
-            )
-            for it in items
-            if it.header is not None
-        ]
-
-    def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(
-            max_workers=self.workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=init_worker,
-        )
-
-    def _restart_pool(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-        self._pool = self._new_pool()
-
-    def _decode_isolated(self, a: tuple) -> Decoded:
-        """Decode one file alone; a file that kills its worker twice is failed, not retried."""
-        for attempt in range(2):
-            try:
-                assert self._pool is not None
-                return self._pool.submit(decode_item, *a).result()
-            except BrokenProcessPool:
-                self._restart_pool()
-                if attempt == 1:
-                    return Decoded(
-                        a[0].uri,
-                        error="decoding crashed the worker process twice (a codec fault or "
-                        "the memory limit); the file was not decoded",
-                    )
-        raise AssertionError("unreachable")
+    @property
+    def pool(self) -> DecodePool:
+        if self._pool is None:
+            raise RuntimeError("the shard processor is not open: use it in a `with` block")
+        return self._pool
 
     def submit(self, items: list[ScanItem], skip_uids: set[str] = frozenset()) -> PendingShard:
         """Classify a shard's files and start decoding the selected ones in the pool.
@@ -191,69 +176,49 @@ class ShardProcessor:
         rows are left untouched.
         """
         rows = ShardRows()
-        todo: list[ScanItem] = []
+        todo: list[tuple[ScanItem, InstanceHeader]] = []
         for item in items:
             if item.outcome is not None:
-                rows.outcomes.append(_outcome(item, item.outcome, item.reason))
-                rows.counts[item.outcome.value] += 1
-                rows.reasons[item.reason or ""] += 1
-            elif item.header is not None and item.header.sop_instance_uid in skip_uids:
+                rows.add(item, item.outcome, item.reason)
+            elif item.header is None:  # scan_file never leaves a selected file without one
+                rows.add(item, Outcome.FAILED, NO_HEADER_REASON)
+            elif item.header.sop_instance_uid in skip_uids:
                 rows.already_done += 1
                 rows.reasons[already_predicted_reason(self.checkpoint)] += 1
             else:
-                todo.append(item)
-        args = self._args(todo)
-        futures: list[Future] = []
-        if self._pool is not None and args:
-            # a few chunks per worker: little IPC overhead, and the load still balances
-            size = max(1, -(-len(args) // (self.workers * 4)))
-            futures = [
-                self._pool.submit(decode_many, args[i : i + size])
-                for i in range(0, len(args), size)
-            ]
-        return PendingShard(rows, todo, args, futures, time.perf_counter())
+                todo.append((item, item.header))
+        args = [
+            (item.source, h.sop_instance_uid, self.spec_dict, self.reduced, self.thumbnails_dir)
+            for item, h in todo
+        ]
+        return PendingShard(rows, todo, self.pool.start(args), time.perf_counter())
 
     def collect(self, pending: PendingShard) -> ShardRows:
         """Wait for a shard's decoding, score its images in batches, build its rows."""
-        rows, todo = pending.rows, pending.todo
-        if self._pool is None:
-            decoded = [decode_item(*a) for a in pending.args]
-        else:
-            try:
-                decoded = [d for f in pending.futures for d in f.result()]
-            except BrokenProcessPool:
-                # A decoder crashed its process (a codec fault, the OOM killer): find the
-                # file(s) responsible one at a time in a fresh pool; the others still decode.
-                self._restart_pool()
-                decoded = [self._decode_isolated(a) for a in pending.args]
-        ready: list[tuple[ScanItem, Decoded]] = []
-        for item, dec in zip(todo, decoded, strict=True):
-            if dec.error is not None:
-                rows.outcomes.append(_outcome(item, Outcome.FAILED, dec.error))
-                rows.counts[Outcome.FAILED.value] += 1
-                rows.reasons[dec.error] += 1
+        rows = pending.rows
+        ready: list[tuple[ScanItem, InstanceHeader, Decoded]] = []
+        decoded = self.pool.results(pending.job)
+        for (item, h), dec in zip(pending.todo, decoded, strict=True):
+            if dec.error is not None or dec.image is None:
+                rows.add(item, Outcome.FAILED, dec.error or "decoding returned no image")
             else:
-                ready.append((item, dec))
+                ready.append((item, h, dec))
         rows.decode_seconds = time.perf_counter() - pending.submitted
         if not ready:
             return rows
         started = time.perf_counter()
-        scores = self.predictor.predict(np.stack([dec.image for _, dec in ready]))
+        scores = self.predictor.predict(np.stack([dec.image for _, _, dec in ready]))
         rows.infer_seconds = time.perf_counter() - started
         threshold = float(self.checkpoint.threshold)
-        for (item, dec), score in zip(ready, scores, strict=True):
-            h = item.header
-            assert h is not None
-            rows.instances.append(header_instance(item, dec.content_sha256 or ""))
-            rows.outcomes.append(
-                _outcome(
-                    item,
-                    Outcome.PREDICTED,
-                    None,
-                    content_sha256=dec.content_sha256,
-                    facts=dec.facts,
-                    thumbnail_path=dec.thumbnail_path,
-                )
+        for (item, h, dec), score in zip(ready, scores, strict=True):
+            rows.instances.append(header_instance(item.uri, h, dec.content_sha256 or ""))
+            rows.add(
+                item,
+                Outcome.PREDICTED,
+                None,
+                content_sha256=dec.content_sha256,
+                facts=dec.facts,
+                thumbnail_path=dec.thumbnail_path,
             )
             rows.predictions.append(
                 {
@@ -266,23 +231,11 @@ class ShardProcessor:
                     "preprocessing_sha256": self.spec_sha256,
                 }
             )
-            rows.counts[Outcome.PREDICTED.value] += 1
         return rows
 
     def process(self, items: list[ScanItem], skip_uids: set[str] = frozenset()) -> ShardRows:
         """Outcome rows for every file of the shard and predictions for the selected ones."""
         return self.collect(self.submit(items, skip_uids))
-
-
-@dataclass
-class PendingShard:
-    """A shard whose decoding is under way in the pool (see ``ShardProcessor.submit``)."""
-
-    rows: ShardRows
-    todo: list[ScanItem]
-    args: list[tuple]
-    futures: list[Future]
-    submitted: float
 
 
 def limit_inference_threads(predictor: Predictor, workers: int) -> int | None:
@@ -298,39 +251,75 @@ def limit_inference_threads(predictor: Predictor, workers: int) -> int | None:
     if predictor.device.type != "cpu":
         return None
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, available_cores() - workers + 1))
+    torch.set_num_threads(max(1, decode_pool.available_cores() - workers + 1))
     return before
 
 
-def available_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0)) or 1
-    return os.cpu_count() or 1
+# --- the run in the database ---------------------------------------------------------------
 
 
-def inference_cores(cores: int) -> int:
-    """Cores to leave to CPU inference: one in five, at least one.
+@dataclass
+class RunContext:
+    """One screening run in the results database: where it writes, the checkpoint, its ids.
 
-    From the costs measured on the 2-core machine for a 2000 px radiograph: ~25 ms of a core
-    to read, hash, window and resize it in a worker, ~6.5 ms to score it on one thread (batch
-    8). On 2 cores this gives the split measured best there; above that it is reasoned from
-    those costs, not measured (smaller images shift the balance towards inference: set
-    ``--workers`` lower).
+    The sessions are bound to the caller's engine, which outlives the run.
     """
-    return max(1, round(cores / 5))
+
+    sessions: sessionmaker[Session]
+    readers: sessionmaker[Session]  # read-only: on SQLite they never take the write lock
+    checkpoint: Checkpoint
+    model_id: int
+    run_id: int
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def on(cls, engine: Engine, checkpoint: Checkpoint, *, model_id: int, run_id: int):
+        """A run recorded before (e.g. a fan-out job's), on ``engine``."""
+        readers = session_factory(engine, read_only=True)
+        return cls(session_factory(engine), readers, checkpoint, model_id, run_id)
 
 
-def default_workers(device_type: str = "cpu") -> int:
-    """Decode processes: with a GPU one per core; on the CPU, the cores ``inference_cores``
-    does not keep, plus one (this process sleeps while it waits for a shard).
+def open_run(
+    engine: Engine,
+    checkpoint: Checkpoint,
+    *,
+    kind: str,
+    source: str,
+    parameters: dict[str, Any],
+    selection_policy: dict[str, Any],
+    prefect_flow_run_id: str | None = None,
+    stale_after: dt.timedelta | None = runs.STALE_RUN_AFTER,
+) -> RunContext:
+    """Register the model version and record the run, on the caller's (migrated) engine.
 
-    Measured on 2 cores (LGMobileNetV2 on the CPU, one inference thread; 240 images of
-    2000 px, no thumbnails): 30 images/s with one worker, 37 with two, 35 with three.
+    Recording the run also marks ``abandoned`` the runs still ``running`` whose heartbeat is
+    older than ``stale_after`` (killed runs; None: not checked). Each committed shard
+    (``persist_shard``) is the run's heartbeat.
     """
-    cores = available_cores()
-    if device_type != "cpu":
-        return cores
-    return max(1, cores - inference_cores(cores) + 1)
+    sessions = session_factory(engine)
+    with sessions.begin() as session:
+        model_id = runs.register_model(session, checkpoint.metadata(), checkpoint.sha256 or "")
+    with sessions.begin() as session:
+        run_id = runs.start_run(
+            session,
+            kind=kind,
+            source=source,
+            parameters=parameters,
+            selection_policy=selection_policy,
+            model_id=model_id,
+            prefect_flow_run_id=prefect_flow_run_id,
+            stale_after=stale_after,
+        )
+    return RunContext.on(engine, checkpoint, model_id=model_id, run_id=run_id)
+
+
+def close_run(run: RunContext, counts: Counter, error: str | None = None) -> None:
+    """Record the run as completed, or as failed with ``error``, with its counts."""
+    status = "failed" if error else "completed"
+    full = {k: int(counts.get(k, 0)) for k in ("predicted", "skipped", "failed")}
+    full["files_seen"] = sum(full.values())
+    with run.sessions.begin() as session:
+        runs.finish_run(session, run.run_id, status, full, error)
 
 
 def plan_skips(
@@ -343,7 +332,12 @@ def plan_skips(
     if not uids:
         return set()
     with readers() as session:
-        return writes.predicted_sop_uids(session, model_id, uids)
+        return predictions.predicted_sop_uids(session, model_id, uids)
+
+
+InTransaction = Callable[[Session, ShardRows, shards.ShardResult], None]
+"""``then(session, rows, written)``: more work in a shard's transaction (a fan-out manifest's
+progress), after its rows are written."""
 
 
 def persist_shard(
@@ -354,15 +348,16 @@ def persist_shard(
     rows: ShardRows,
     force: bool,
     aggregation: str = "max",
-) -> writes.ShardResult:
-    """Write a shard and re-aggregate its studies in ONE transaction.
+    then: InTransaction | None = None,
+) -> shards.ShardResult:
+    """Write a shard and re-aggregate its studies in ONE transaction (with ``then``'s work).
 
     A crash before the commit leaves nothing of the shard; after it, the shard and its study
     predictions are both there, and the run's heartbeat is fresh. A UID conflict turns a file
-    into *failed*: the returned counts are the ones to add to the run summary.
+    into *failed*: ``rows.final_counts(result)`` are the counts to add to the run summary.
     """
     with sessions.begin() as session:
-        result = writes.write_shard(
+        result = shards.write_shard(
             session,
             run_id=run_id,
             model_id=model_id,
@@ -372,93 +367,24 @@ def persist_shard(
             force=force,
         )
         if result.study_uids:
-            writes.upsert_study_predictions(
+            predictions.upsert_study_predictions(
                 session, model_id, run_id, aggregation, sorted(result.study_uids), force=force
             )
+        if then is not None:
+            then(session, rows, result)
     return result
 
 
-@dataclass
-class RunContext:
-    """What one screening run holds open: the database, the checkpoint and the run's ids."""
-
-    engine: Any
-    sessions: sessionmaker[Session]
-    readers: sessionmaker[Session]  # read-only: on SQLite they never take the write lock
-    checkpoint: Checkpoint
-    model_id: int
-    run_id: int
-    started: float = field(default_factory=time.perf_counter)
+# --- the nightly watermark -------------------------------------------------------------------
 
 
-def open_run(
-    database_url: str,
-    checkpoint: Checkpoint,
-    *,
-    kind: str,
-    source: str,
-    parameters: dict[str, Any],
-    selection_policy: dict[str, Any],
-    prefect_flow_run_id: str | None = None,
-    stale_after: dt.timedelta | None = writes.STALE_RUN_AFTER,
-) -> RunContext:
-    """Migrate the database if needed, register the model version and record the run.
-
-    Recording the run also marks ``abandoned`` the runs still ``running`` whose heartbeat is
-    older than ``stale_after`` (killed runs; None: not checked). Each committed shard
-    (``persist_shard``) is the run's heartbeat.
-    """
-    from sql.db import connect, session_factory
-
-    engine = connect(database_url)
-    sessions = session_factory(engine)
-    with sessions.begin() as session:
-        model_id = writes.register_model(session, checkpoint.metadata(), checkpoint.sha256 or "")
-    with sessions.begin() as session:
-        run_id = writes.start_run(
-            session,
-            kind=kind,
-            source=source,
-            parameters=parameters,
-            selection_policy=selection_policy,
-            model_id=model_id,
-            prefect_flow_run_id=prefect_flow_run_id,
-            stale_after=stale_after,
-        )
-    readers = session_factory(engine, read_only=True)
-    return RunContext(engine, sessions, readers, checkpoint, model_id, run_id)
-
-
-def close_run(ctx: RunContext, counts: Counter, error: str | None = None) -> None:
-    status = "failed" if error else "completed"
-    full = {k: int(counts.get(k, 0)) for k in ("predicted", "skipped", "failed")}
-    full["files_seen"] = sum(full.values())
-    try:
-        with ctx.sessions.begin() as session:
-            writes.finish_run(session, ctx.run_id, status, full, error)
-    finally:
-        ctx.engine.dispose()  # the run is over: return its connections
-
-
-def read_watermark(database_url: str, name: str):
+def read_watermark(engine: Engine, name: str) -> dt.datetime | None:
     """The watermark's time (aware UTC datetime) or None when never set."""
-    from sql.db import connect, session_factory
-
-    engine = connect(database_url)
-    try:
-        with session_factory(engine, read_only=True)() as session:
-            mark = writes.get_watermark(session, name)
-    finally:
-        engine.dispose()
+    with session_factory(engine, read_only=True)() as session:
+        mark = runs.get_watermark(session, name)
     return mark.value if mark else None
 
 
-def write_watermark(database_url: str, name: str, value, run_id: int) -> None:
-    from sql.db import connect, session_factory
-
-    engine = connect(database_url)
-    try:
-        with session_factory(engine).begin() as session:
-            writes.set_watermark(session, name, value, {"run_id": run_id}, run_id=run_id)
-    finally:
-        engine.dispose()
+def write_watermark(engine: Engine, name: str, value: dt.datetime, run_id: int) -> None:
+    with session_factory(engine).begin() as session:
+        runs.set_watermark(session, name, value, {"run_id": run_id}, run_id=run_id)

@@ -9,10 +9,10 @@ Two layouts are accepted:
   and may name files, folders or archives.
 
 Every file goes through the header scan and selection (``tasks.ingest.scan_file``) and the
-pixel path (``tasks.ingest.decode_item``, in spawn-context worker processes) exactly as a
-screening run would treat it, with the checkpoint's preprocessing spec. A file that is skipped
-or fails is counted with its reason, never fatal. The images are kept in memory as one tensor
-(one channel when the spec's channels are identical, expanded on access).
+pixel path (``tasks.ingest.decode_item``, in the decode workers of ``tasks/decode_pool.py``)
+exactly as a screening run would treat it, with the checkpoint's preprocessing spec. A file
+that is skipped or fails is counted with its reason, never fatal. The images are kept in
+memory as one tensor (one channel when the spec's channels are identical, expanded on access).
 
 The train/validation split is by group: files that share a study or a patient (keyed hash)
 always land on the same side, so no study and no patient is in both. It is stratified by the
@@ -22,12 +22,9 @@ group's class and seeded.
 from __future__ import annotations
 
 import csv
-import multiprocessing
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,10 +34,12 @@ import torch
 from torch.utils.data import Dataset
 
 from model.spec import PreprocessSpec
+from tasks.decode_pool import DecodePool
 from tasks.dicom.discovery import DEFAULT_LIMITS, ArchiveLimits, discover
+from tasks.dicom.headers import InstanceHeader
 from tasks.dicom.outcomes import Outcome
 from tasks.dicom.selection import DEFAULT_POLICY, SelectionPolicy
-from tasks.ingest import Decoded, ScanItem, decode_item, exit_with_parent, scan_file
+from tasks.ingest import NO_HEADER_REASON, ScanItem, scan_file
 
 POSITIVE_NAMES = ("positive", "abnormal")
 """Class names taken as the positive class when none is given (case-insensitive)."""
@@ -302,23 +301,24 @@ def build_training_data(
     index = {name: i for i, name in enumerate(class_names)}
 
     # 1. header scan + selection, exactly as a screening run does it
-    by_uid: dict[str, list[tuple[ScanItem, int]]] = {}
+    by_uid: dict[str, list[tuple[ScanItem, InstanceHeader, int]]] = {}
     for source in sources:
         for src in discover([source.path], limits):
             item = scan_file(src, policy, hmac_key)
             report.files_seen += 1
             if item.outcome is not None:
                 _count(report, item.outcome, item.reason or "")
+            elif item.header is None:  # scan_file never leaves a selected file without one
+                _count(report, Outcome.FAILED, NO_HEADER_REASON)
             else:
-                assert item.header is not None
                 uid = item.header.sop_instance_uid
-                by_uid.setdefault(uid, []).append((item, index[source.label]))
+                by_uid.setdefault(uid, []).append((item, item.header, index[source.label]))
             if on_progress:
                 on_progress("scan", report.files_seen, None)
     # The same image twice: one copy is used; under two classes: none (its label is unknown).
-    selected: list[tuple[ScanItem, int]] = []
+    selected: list[tuple[ScanItem, InstanceHeader, int]] = []
     for copies in by_uid.values():
-        if len({label for _, label in copies}) > 1:
+        if len({label for _, _, label in copies}) > 1:
             for _ in copies:
                 _count(report, Outcome.SKIPPED, CONFLICT_REASON)
             continue
@@ -326,7 +326,7 @@ def build_training_data(
         for _ in copies[1:]:
             _count(report, Outcome.SKIPPED, DUPLICATE_REASON)
 
-    # 2. decode + preprocess in worker processes
+    # 2. decode + preprocess in the decode workers (the screening run's pool)
     compact = len(set(spec.mean)) == 1 and len(set(spec.std)) == 1
     stored = 1 if compact else spec.channels
     images = torch.empty((len(selected), stored, spec.input_size, spec.input_size))
@@ -334,24 +334,22 @@ def build_training_data(
     studies: list[str] = []
     patients: list[str | None] = []
     args = [
-        (item.source, item.header.sop_instance_uid, spec.to_dict(), reduced, None)
-        for item, _ in selected
-        if item.header is not None
+        (item.source, h.sop_instance_uid, spec.to_dict(), reduced, None) for item, h, _ in selected
     ]
-    for n, ((item, label), dec) in enumerate(
-        zip(selected, decode_all(args, workers), strict=True), start=1
-    ):
-        if dec.error is not None or dec.image is None:
-            _count(report, Outcome.FAILED, dec.error or "decoding returned no image")
-        else:
-            assert item.header is not None
-            images[len(labels)] = torch.from_numpy(dec.image[:stored])
-            labels.append(label)
-            studies.append(item.header.study_instance_uid)
-            patients.append(item.header.patient_id_hash)
-            report.used += 1
-        if on_progress:
-            on_progress("decode", n, len(selected))
+    processes = min(max(workers, 0), len(args)) if len(args) > 1 else 0
+    with DecodePool(processes, max_chunk=16) as pool:
+        decoded = pool.results(pool.start(args))
+        for n, ((_, h, label), dec) in enumerate(zip(selected, decoded, strict=True), start=1):
+            if dec.error is not None or dec.image is None:
+                _count(report, Outcome.FAILED, dec.error or "decoding returned no image")
+            else:
+                images[len(labels)] = torch.from_numpy(dec.image[:stored])
+                labels.append(label)
+                studies.append(h.study_instance_uid)
+                patients.append(h.patient_id_hash)
+                report.used += 1
+            if on_progress:
+                on_progress("decode", n, len(selected))
     images = images[: len(labels)]
 
     report.per_class = {name: labels.count(i) for i, name in enumerate(class_names)}
@@ -400,46 +398,6 @@ def _count(report: DatasetReport, outcome: Outcome, reason: str) -> None:
 def _top_reason(report: DatasetReport) -> str:
     top = report.reasons.most_common(1)
     return f"{top[0][0]!r} ({top[0][1]} files)" if top else "none"
-
-
-def decode_all(args: list[tuple], workers: int) -> Iterator[Decoded]:
-    """``decode_item(*a)`` for each ``a`` in order, in a spawn-context pool of ``workers``
-    processes (``0``: in this process). A worker crash (a codec fault) is isolated to the file
-    that caused it: the remaining files are decoded one at a time in fresh pools."""
-    if workers <= 0 or len(args) < 2:
-        for a in args:
-            yield decode_item(*a)
-        return
-    context = multiprocessing.get_context("spawn")
-    done = 0
-    pool = ProcessPoolExecutor(
-        max_workers=min(workers, len(args)), mp_context=context, initializer=exit_with_parent
-    )
-    try:
-        chunk = max(1, min(16, len(args) // (workers * 4)))
-        try:
-            for result in pool.map(decode_item, *zip(*args, strict=True), chunksize=chunk):
-                done += 1
-                yield result
-            return
-        except BrokenProcessPool:
-            pass
-        for a in args[done:]:
-            pool.shutdown(wait=False, cancel_futures=True)
-            pool = ProcessPoolExecutor(
-                max_workers=1, mp_context=context, initializer=exit_with_parent
-            )
-            try:
-                result = pool.submit(decode_item, *a).result()
-            except BrokenProcessPool:
-                result = Decoded(
-                    a[0].uri,
-                    error="decoding crashed the worker process (a codec fault or the memory "
-                    "limit); the file was not decoded",
-                )
-            yield result
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def group_ids(studies: list[str], patients: list[str | None]) -> list[int]:

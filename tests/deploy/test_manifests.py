@@ -21,7 +21,8 @@ from tasks import manifests as fan
 from tasks.dicom.discovery import discover
 from tasks.dicom.selection import SelectionPolicy
 from tasks.ingest import scan, scan_file, shards
-from tasks.screening import ShardProcessor, close_run, open_run, persist_shard, plan_skips
+from tasks.screening import ShardProcessor, close_run, open_run
+from tasks.shard_loop import ShardLoop, ShardSteps
 
 KEY = HMAC_KEY.encode()
 # Laterals are screened too, so studies have two predicted images that manifests can split.
@@ -37,28 +38,26 @@ def corpus(tmp_path_factory) -> dict:
 
 
 def single_process(url: str, corpus: dict, shard_size: int = 6) -> dict:
-    """The reference: the single-process screening path (what the screen flow composes)."""
+    """The reference: the single-process screening path (the loop the screen flow runs)."""
     ckpt = load_checkpoint(corpus["model"])
-    ctx = open_run(
-        url,
-        ckpt,
-        kind="reprocess",
-        source="reference",
-        parameters={},
-        selection_policy=POLICY.to_dict(),
-    )
-    counts: Counter = Counter()
-    with ShardProcessor(ckpt, device="cpu", workers=0) as processor:
-        for shard in shards(scan(corpus["sources"], KEY, POLICY), shard_size):
-            skip = plan_skips(ctx.sessions, ctx.model_id, shard, False)
-            rows = processor.process(shard, skip)
-            written = persist_shard(
-                ctx.sessions, run_id=ctx.run_id, model_id=ctx.model_id, rows=rows, force=False
+    engine = connect(url)
+    try:
+        run = open_run(
+            engine,
+            ckpt,
+            kind="reprocess",
+            source="reference",
+            parameters={},
+            selection_policy=POLICY.to_dict(),
+        )
+        with ShardProcessor(ckpt, device="cpu", workers=0) as processor:
+            tally = ShardLoop(ShardSteps(run, processor)).run(
+                shards(scan(corpus["sources"], KEY, POLICY), shard_size)
             )
-            counts += rows.final_counts(written)
-    close_run(ctx, counts)
-    ctx.engine.dispose()
-    return dict(counts)
+        close_run(run, tally.counts)
+    finally:
+        engine.dispose()
+    return dict(tally.counts)
 
 
 def parameters(ckpt, shard_size: int = 4) -> dict:
@@ -146,7 +145,7 @@ def test_fanout_equals_single_process_with_split_studies(
     assert len(manifests) == -(-corpus["files"] // 5)
     with ShardProcessor(ckpt, device="cpu", workers=0) as processor:
         for m in reversed(manifests):  # any order: each manifest stands alone
-            done = fan.screen_manifest(sessions, m.manifest_id, processor, hmac_key=KEY, worker="w")
+            done = fan.screen_manifest(engine, m.manifest_id, processor, hmac_key=KEY, worker="w")
             assert done.manifest.done and done.files == m.n_files
     with sessions() as session:
         final = store.job_manifests(session, job.job_key)
@@ -207,7 +206,7 @@ def test_a_worker_dying_mid_manifest_is_resumed_after_its_last_chunk(
         Crashing(ckpt, device="cpu", workers=0, crash_at=3) as crashing,
         pytest.raises(RuntimeError, match="died mid-manifest"),
     ):
-        fan.screen_manifest(sessions, only.manifest_id, crashing, hmac_key=KEY, worker="a")
+        fan.screen_manifest(engine, only.manifest_id, crashing, hmac_key=KEY, worker="a")
     with sessions() as session:
         failed = store.get_manifest(session, only.manifest_id, with_files=False)
     assert (failed.status, failed.files_done, failed.attempts) == ("failed", 8, 1)  # 2 chunks
@@ -217,9 +216,7 @@ def test_a_worker_dying_mid_manifest_is_resumed_after_its_last_chunk(
 
     # The resuming worker decodes in a process pool (overlapping decode with scoring).
     with ShardProcessor(ckpt, device="cpu", workers=1) as processor:
-        resumed = fan.screen_manifest(
-            sessions, only.manifest_id, processor, hmac_key=KEY, worker="b"
-        )
+        resumed = fan.screen_manifest(engine, only.manifest_id, processor, hmac_key=KEY, worker="b")
     assert resumed.files == only.n_files - 8  # only what was left
     assert resumed.manifest.done and resumed.manifest.attempts == 2
     assert resumed.manifest.worker == "b"
@@ -231,9 +228,7 @@ def test_a_worker_dying_mid_manifest_is_resumed_after_its_last_chunk(
     # Claiming a done manifest again does nothing.
     engine = connect(sqlite_url)
     with ShardProcessor(ckpt, device="cpu", workers=0) as processor:
-        again = fan.screen_manifest(
-            session_factory(engine), only.manifest_id, processor, hmac_key=KEY, worker="c"
-        )
+        again = fan.screen_manifest(engine, only.manifest_id, processor, hmac_key=KEY, worker="c")
     assert again.already_done and again.files == 0
     engine.dispose()
 
@@ -281,19 +276,31 @@ def test_a_lost_claim_rolls_back_its_chunk(corpus, db_url, tmp_path):
 
 def test_a_worker_with_another_key_or_model_is_refused(corpus, sqlite_url, tmp_path):
     engine, sessions, ckpt, job, manifests = plan(sqlite_url, corpus, tmp_path / "spool")
+    # A worker whose database is not the parent's finds another job's manifest under the id
+    # the parent sent: refused before the claim, so that job's manifest is left alone.
+    with (
+        ShardProcessor(ckpt, device="cpu", workers=0) as processor,
+        pytest.raises(fan.FanoutMismatch, match="belongs to fan-out job 'job-1', not 'job-2'"),
+    ):
+        fan.screen_manifest(
+            engine, manifests[0].manifest_id, processor, hmac_key=KEY, worker="w", job_key="job-2"
+        )
+    with sessions() as session:
+        untouched = store.get_manifest(session, manifests[0].manifest_id, with_files=False)
+    assert (untouched.status, untouched.attempts, untouched.worker) == ("pending", 0, None)
     with (
         ShardProcessor(ckpt, device="cpu", workers=0) as processor,
         pytest.raises(fan.FanoutMismatch, match="CXR_SCREEN_HMAC_KEY"),
     ):
         fan.screen_manifest(
-            sessions, manifests[0].manifest_id, processor, hmac_key=b"other", worker="w"
+            engine, manifests[0].manifest_id, processor, hmac_key=b"other", worker="w"
         )
     other = load_checkpoint(make_model(tmp_path / "other.pt", version="other-1", seed=1))
     with (
         ShardProcessor(other, device="cpu", workers=0) as processor,
         pytest.raises(fan.FanoutMismatch, match="same checkpoint at the same path"),
     ):
-        fan.screen_manifest(sessions, manifests[1].manifest_id, processor, hmac_key=KEY, worker="w")
+        fan.screen_manifest(engine, manifests[1].manifest_id, processor, hmac_key=KEY, worker="w")
     with sessions() as session:
         assert session.execute(sa.text("SELECT COUNT(*) FROM file_outcomes")).scalar() == 0
         statuses = {m.status for m in store.job_manifests(session, job.job_key)[:2]}

@@ -68,15 +68,18 @@ def corpus(tmp_path_factory) -> dict:
 
 
 def run(corpus, db_url, tmp_path, model="model_a", **kw):
+    """The screen flow on the corpus; the database URL reaches it through the settings."""
+    import os
+
+    from flows.parameters import ScreenParameters
     from flows.screen import screen
 
     kw.setdefault("workers", 0)
+    os.environ["CXR_SCREEN_DATABASE_URL"] = db_url  # restored by _isolated_home
     return screen(
         [str(corpus["tree"]), str(corpus["zip"]), str(corpus["tgz"])],
         model=str(corpus[model]),
-        database_url=db_url,
-        shard_size=7,
-        **kw,
+        params=ScreenParameters(shard_size=7, **kw),
     )
 
 
@@ -102,6 +105,8 @@ def rows(db_url: str, sql: str, **params) -> list[dict]:
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("CXR_SCREEN_HOME", str(tmp_path / "home"))
+    # set here so that monkeypatch restores it, whatever a test or a command sets it to
+    monkeypatch.setenv("CXR_SCREEN_DATABASE_URL", f"sqlite:///{tmp_path / 'unset.db'}")
 
 
 def test_screen_end_to_end_then_idempotent_force_and_new_model(corpus, db_url, tmp_path):
@@ -173,16 +178,18 @@ def test_screen_end_to_end_then_idempotent_force_and_new_model(corpus, db_url, t
     ]
 
 
-def test_nightly_watermark_picks_up_only_new_files(tmp_path, sqlite_url, corpus):
+def test_nightly_watermark_picks_up_only_new_files(tmp_path, sqlite_url, corpus, monkeypatch):
     import os
     import time
 
     from flows.screen import nightly
 
+    monkeypatch.setenv("CXR_SCREEN_DATABASE_URL", sqlite_url)
+
     drop = tmp_path / "drop"
     synth.write_corpus(drop, 2, seed=8, size_range=(192, 256), lateral_fraction=0.0)
     (drop / "labels.csv").unlink()
-    first = nightly(drop_folder=str(drop), model=str(corpus["model_a"]), database_url=sqlite_url)
+    first = nightly(drop_folder=str(drop), model=str(corpus["model_a"]))
     assert first["files_seen"] == 2 and first["predicted"] == 2
 
     time.sleep(1.1)  # file times have 1 s resolution on some file systems
@@ -190,10 +197,10 @@ def test_nightly_watermark_picks_up_only_new_files(tmp_path, sqlite_url, corpus)
     synth.write_corpus(new, 1, seed=9, size_range=(192, 256), lateral_fraction=0.0)
     (new / "labels.csv").unlink()
     shutil.move(str(next(new.rglob("*.dcm"))), drop / "arrived_tonight.dcm")
-    second = nightly(drop_folder=str(drop), model=str(corpus["model_a"]), database_url=sqlite_url)
+    second = nightly(drop_folder=str(drop), model=str(corpus["model_a"]))
     assert second["files_seen"] == 1 and second["predicted"] == 1
 
-    third = nightly(drop_folder=str(drop), model=str(corpus["model_a"]), database_url=sqlite_url)
+    third = nightly(drop_folder=str(drop), model=str(corpus["model_a"]))
     assert third["files_seen"] == 0
     kinds = rows(sqlite_url, "SELECT kind, files_seen FROM v_run_summary ORDER BY run_id")
     assert kinds == [

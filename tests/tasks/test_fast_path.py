@@ -109,7 +109,7 @@ def test_pool_leaves_one_inference_thread_and_restores_the_setting(corpus, check
     processor lowers them for its lifetime and puts the caller's setting back."""
     import torch
 
-    from tasks.screening import available_cores
+    from tasks.decode_pool import available_cores
 
     before = torch.get_num_threads()
     try:
@@ -146,11 +146,11 @@ def test_cores_split_between_decode_workers_and_inference(
     2000 px image: ~25 ms decoding, ~6.5 ms scoring); with a GPU every core decodes."""
     import torch
 
-    from tasks import screening
+    from tasks import decode_pool, screening
 
-    monkeypatch.setattr(screening, "available_cores", lambda: cores)
-    assert screening.default_workers("cpu") == cpu_workers
-    assert screening.default_workers("cuda") == gpu_workers
+    monkeypatch.setattr(decode_pool, "available_cores", lambda: cores)
+    assert decode_pool.default_workers("cpu") == cpu_workers
+    assert decode_pool.default_workers("cuda") == gpu_workers
     predictor = Predictor(untrained_checkpoint(), device="cpu")
     before = torch.get_num_threads()
     try:
@@ -158,3 +158,63 @@ def test_cores_split_between_decode_workers_and_inference(
         assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
+
+
+# --- the decode pool: a crash is pinned on the file that caused it ---------------------------
+
+CRASHER = "crash-me"
+
+
+def _decode_or_crash(src, *_args):
+    """A stand-in decoder (module-level: the spawned workers import it) that kills its process
+    on one file, as a codec fault or the out-of-memory killer would."""
+    import os
+
+    from tasks.ingest import Decoded
+
+    if CRASHER in src.uri:
+        os._exit(3)
+    return Decoded(src.uri, content_sha256=f"pid-{os.getpid()}")
+
+
+def _decode_chunk_or_crash(args):
+    return [_decode_or_crash(*a) for a in args]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_decoder_crash_fails_only_its_file_and_the_pool_goes_on(workers):
+    from tasks.decode_pool import CRASH_REASON, DecodePool
+    from tasks.dicom.discovery import SourceFile
+
+    def job(tag: str, crash_at: int | None) -> list[tuple]:
+        uris = [f"{tag}-{i}{'-' + CRASHER if i == crash_at else ''}" for i in range(12)]
+        return [(SourceFile(uri=u, path=u), "1.2.3", {}, True, None) for u in uris]
+
+    with DecodePool(workers, decode=_decode_or_crash, decode_chunk=_decode_chunk_or_crash) as pool:
+        assert pool.chunk_size(12) == -(-12 // (workers * 4))  # several chunks per worker
+        first, second = job("a", crash_at=7), job("b", crash_at=None)
+        # Two jobs in flight at once (as the shard loop has them): the crash in the first
+        # breaks the processes both were given to.
+        running = [pool.start(first), pool.start(second)]
+        out = [list(pool.results(j)) for j in running]
+        again = pool.decode_all(job("c", crash_at=None))  # the pool still works afterwards
+    assert [d.uri for d in out[0]] == [a[0].uri for a in first]  # in order, none lost
+    assert [d.error for d in out[0]] == [None] * 7 + [CRASH_REASON] + [None] * 4
+    assert [d.uri for d in out[1]] == [a[0].uri for a in second]
+    assert all(d.error is None for d in out[1] + again)
+    assert len(again) == 12
+
+
+def test_an_in_process_pool_decodes_in_order_without_processes():
+    import os
+
+    from tasks.decode_pool import DecodePool
+    from tasks.dicom.discovery import SourceFile
+
+    args = [(SourceFile(uri=f"x-{i}", path=f"x-{i}"), "1.2.3", {}, True, None) for i in range(5)]
+    with DecodePool(0, decode=_decode_or_crash, decode_chunk=_decode_chunk_or_crash) as pool:
+        out = pool.decode_all(args)
+    assert [d.uri for d in out] == [f"x-{i}" for i in range(5)]
+    assert {d.content_sha256 for d in out} == {f"pid-{os.getpid()}"}
+    with pytest.raises(ValueError, match="-1 workers is invalid"):
+        DecodePool(-1)
