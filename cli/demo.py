@@ -230,7 +230,9 @@ def run_demo(
     Returns the stages' summaries, the first rows of the review queue, the run summary rows
     and the evaluation on the archive.
     """
+    from flows.parameters import ScreenParameters, TrainParameters
     from flows.screen import screen
+    from flows.settings import environment
     from flows.train import train
 
     plan = QUICK if quick else FULL
@@ -247,25 +249,29 @@ def run_demo(
     archive, truth_csv, archive_counts = generate(directory, plan, seed)
     seconds["generate"] = round(time.perf_counter() - started, 1)
     # The demo keeps its HMAC key and thumbnails in the demo directory unless configured.
-    with _env(CXR_SCREEN_HOME=str(directory / ".cxr-screen")):
+    # The database URL reaches the flows through the settings, never as a parameter.
+    with _env(CXR_SCREEN_HOME=str(directory / ".cxr-screen")), environment(database_url=url):
         started = time.perf_counter()
         trained = train(
             str(directory / "training"),
             str(directory / "model.pt"),
-            epochs=plan.epochs,
-            batch_size=plan.batch_size,
-            lr=plan.lr,
-            input_size=plan.input_size,
-            name=DEMO_NAME,
-            notes=DEMO_NOTES,
-            database_url=url,
-            seed=seed,
-            patience=plan.epochs,
+            params=TrainParameters(
+                epochs=plan.epochs,
+                batch_size=plan.batch_size,
+                lr=plan.lr,
+                input_size=plan.input_size,
+                name=DEMO_NAME,
+                notes=DEMO_NOTES,
+                seed=seed,
+                patience=plan.epochs,
+            ),
         )
         seconds["train"] = round(time.perf_counter() - started, 1)
         started = time.perf_counter()
         screened = screen(
-            [str(archive)], model=str(directory / "model.pt"), database_url=url, kind="demo"
+            [str(archive)],
+            model=str(directory / "model.pt"),
+            params=ScreenParameters(kind="demo"),
         )
         seconds["screen"] = round(time.perf_counter() - started, 1)
 

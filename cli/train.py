@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from cli.console import PipelineProgress, console, exit_on_error, training_table
-from cli.screen import DB_HELP, WORKERS_HELP
+from cli.screen import DB_HELP, WORKERS_HELP, database_via_settings
 from cli.server import prefect_ready
 
 
@@ -38,12 +38,12 @@ def train_command(
     workers: Annotated[int | None, typer.Option(min=0, help=WORKERS_HELP)] = None,
 ) -> None:
     """Train a checkpoint on labelled DICOM studies and register it in the database."""
+    database_via_settings(db)
     with exit_on_error(), prefect_ready():
+        from flows.parameters import TrainParameters
         from flows.train import train
     with exit_on_error(), PipelineProgress():
-        summary = train(
-            str(data),
-            str(out),
+        params = TrainParameters(
             epochs=epochs,
             batch_size=batch_size,
             lr=lr,
@@ -52,7 +52,6 @@ def train_command(
             version=version,
             name=name,
             notes=notes,
-            database_url=db,
             seed=seed,
             target_sensitivity=target_sensitivity,
             val_fraction=val_fraction,
@@ -60,4 +59,5 @@ def train_command(
             workers=workers,
             positive_class=positive_class,
         )
+        summary = train(str(data), str(out), params=params)
     console.print(training_table(summary))

@@ -7,8 +7,10 @@ read settings themselves: flows and the CLI read them once and pass plain values
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import Field, SecretStr
@@ -90,3 +92,26 @@ class Settings(BaseSettings):
 def get_settings(**overrides) -> Settings:
     """Settings from the environment now (not at import), with explicit overrides on top."""
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+@contextlib.contextmanager
+def environment(**fields: str) -> Iterator[None]:
+    """Settings for the flows run in this process during the block, as ``CXR_SCREEN_<FIELD>``
+    environment variables (restored after): how a caller hands a flow a setting that must not
+    be a flow parameter, such as a database URL with its password."""
+    names = {f"CXR_SCREEN_{field.upper()}": value for field, value in fields.items()}
+    unknown = [f for f in fields if f not in Settings.model_fields]
+    if unknown:
+        raise ValueError(
+            f"{', '.join(unknown)}: not a setting ({', '.join(Settings.model_fields)})"
+        )
+    before = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

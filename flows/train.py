@@ -4,8 +4,8 @@ dataset (the screening pipeline's scan, selection and pixel path) → training l
 (class names, threshold chosen on validation, spec, version, provenance, metrics) → saved →
 registered as a model version, with a ``train`` run → evaluation report artifact.
 
-The ``cxr-screen train`` command is ``cli.demo.train_command`` (a module that imports Prefect
-only when a command runs).
+The flow composes the tasks of ``tasks/prefect_tasks_train.py``; the run opens its results
+database once (the URL from the settings, never a parameter) and passes the engine down.
 """
 
 from __future__ import annotations
@@ -18,16 +18,27 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
+from sqlalchemy.engine import Engine
 
 from flows.errors import UserError
+from flows.parameters import TrainParameters
 from flows.progress import report
 from flows.settings import get_settings
 from model.spec import PreprocessSpec
 from model.training import TrainConfig
 from tasks import prefect_tasks_train as t
+from tasks.decode_pool import available_cores
 from tasks.dicom.selection import SelectionPolicy
-from tasks.screening import available_cores
-from tasks.training_run import evaluation_markdown, make_checkpoint
+from tasks.prefect_tasks import database
+from tasks.training_data import DatasetReport, TrainingData
+from tasks.training_run import (
+    evaluation_markdown,
+    history_rows,
+    make_checkpoint,
+    training_summary,
+)
+
+DEFAULT_TRAIN = TrainParameters()  # frozen: one instance serves every call
 
 
 class TrainError(UserError):
@@ -39,183 +50,145 @@ class TrainError(UserError):
     task_runner=ThreadPoolTaskRunner(max_workers=2),
     description="Train a checkpoint on labelled DICOM studies and register it as a model version.",
 )
-def train(
-    data: str,
-    out: str,
-    epochs: int = 30,
-    batch_size: int = 32,
-    lr: float = 3e-3,
-    architecture: str = "lg_mobilenet_v2",
-    input_size: int = 150,
-    version: str | None = None,
-    name: str = "cxr-screen",
-    notes: str = "",
-    database_url: str | None = None,
-    seed: int = 0,
-    target_sensitivity: float = 0.95,
-    val_fraction: float = 0.2,
-    device: str | None = None,
-    workers: int | None = None,
-    positive_class: str | None = None,
-    patience: int = 6,
-    augment: bool = True,
-    reduced: bool = True,
-    selection: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+def train(data: str, out: str, params: TrainParameters = DEFAULT_TRAIN) -> dict[str, Any]:
     """Dataset → training → checkpoint → database (model version + ``train`` run) → report.
 
-    ``data``: a folder with one sub-folder per class, or a CSV of ``path,label`` (paths relative
-    to the CSV). Returns a summary: the checkpoint's path, sha256, version and metrics, the
-    model_id and run_id in the database, and the dataset counts.
+    Returns a summary: the checkpoint's path, sha256, version and metrics, the model_id and
+    run_id in the database, and the dataset counts.
+
+    Args:
+        data: A folder with one sub-folder per class, or a CSV of ``path,label`` (paths
+            relative to the CSV), on the machine that runs the flow.
+        out: The checkpoint file to write (.pt).
+        params: How to train.
     """
-    logger = get_run_logger()
     started_at = dt.datetime.now(dt.UTC)
-    settings = get_settings(database_url=database_url, device=device, workers=workers)
-    if not Path(data).exists():
-        raise TrainError(f"training data does not exist: {data}")
-    out_path = Path(out)
-    if out_path.is_dir():
-        raise TrainError(f"--out {out} is a directory; give the checkpoint's file name")
-    config = TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        patience=patience,
-        target_sensitivity=target_sensitivity,
-        augment=augment,
-        seed=seed,
-        device=settings.device,
-    )
-    spec = PreprocessSpec(input_size=input_size)
-    policy = SelectionPolicy.from_dict(selection) if selection else SelectionPolicy()
+    settings = get_settings(device=params.device, workers=params.workers)
+    policy = _check(data, out, params)
+    out = str(Path(out))
     # the data set is decoded before training starts: every core decodes
-    n_workers = available_cores() if settings.workers is None else settings.workers
-    parameters = {
-        "data": data,
-        "out": out,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "architecture": architecture,
-        "input_size": input_size,
-        "version": version,
-        "name": name,
-        "seed": seed,
-        "target_sensitivity": target_sensitivity,
-        "val_fraction": val_fraction,
-        "device": settings.device,
-        "workers": n_workers,
-        "positive_class": positive_class,
-        "patience": patience,
-        "augment": augment,
-        "reduced": reduced,
-    }
-    run_record = {
+    workers = available_cores() if settings.workers is None else settings.workers
+    run = {
         "started_at": started_at,
-        "parameters": parameters,
+        "parameters": {
+            "data": data,
+            "out": out,
+            **params.model_dump(exclude={"notes", "selection"}),
+            "device": settings.device,
+            "workers": workers,
+        },
         "selection_policy": policy.to_dict(),
         "source": data,
         "prefect_flow_run_id": str(flow_run.id) if flow_run.id else None,
     }
-    t.check_database(settings.database_url, name, version)
-    report("train-start", epochs=epochs, data=data)
-    dataset = None
-    try:
-        dataset = t.build_dataset(
-            data,
-            spec,
-            hmac_key=settings.hmac_secret(),
-            policy=policy,
-            positive_class=positive_class,
-            val_fraction=val_fraction,
-            seed=seed,
-            workers=n_workers,
-            reduced=reduced,
-            on_progress=lambda stage, done, total: report(
-                "train-data", stage=stage, done=done, total=total
-            ),
-        )
-        rep = dataset.report
-        logger.info(
-            "dataset: %d files seen, %d used, %d skipped, %d failed; train %s, validation %s",
-            rep.files_seen,
-            rep.used,
-            rep.skipped,
-            rep.failed,
-            rep.per_split["train"],
-            rep.per_split["validation"],
-        )
-        report("train-dataset", **rep.to_dict())
-        config.positive_index = dataset.class_names.index(dataset.positive_class)
-        arch_kwargs = {"num_classes": len(dataset.class_names)}
-        result = t.fit(
-            architecture,
-            arch_kwargs,
-            dataset,
-            config,
-            on_epoch=lambda row: report("train-epoch", epochs=epochs, **row),
-        )
-        checkpoint = make_checkpoint(
-            result,
-            dataset,
-            architecture=architecture,
-            arch_kwargs=arch_kwargs,
-            name=name,
-            version=version,
-            notes=notes,
-            started_at=started_at,
-            reduced=reduced,
-            selection_policy=policy.to_dict(),
-        )
-        sha256 = t.save_checkpoint(checkpoint, str(out_path))
-        model_id, run_id = t.record_training(
-            settings.database_url, checkpoint, counts=rep.run_counts(), **run_record
-        )
-    except BaseException as exc:
-        counts = dataset.report.run_counts() if dataset is not None else None
+    with database(settings.database_url) as engine:
+        t.check_database(engine, params.name, params.version)
+        report("train-start", epochs=params.epochs, data=data)
+        dataset: TrainingData | None = None
         try:
-            t.record_failed_training(
-                settings.database_url,
-                error=f"{type(exc).__name__}: {exc}",
-                counts=counts,
-                **run_record,
+            dataset = t.build_dataset(
+                data,
+                PreprocessSpec(input_size=params.input_size),
+                hmac_key=settings.hmac_secret(),
+                policy=policy,
+                positive_class=params.positive_class,
+                val_fraction=params.val_fraction,
+                seed=params.seed,
+                workers=workers,
+                reduced=params.reduced,
+                on_progress=lambda stage, done, total: report(
+                    "train-data", stage=stage, done=done, total=total
+                ),
             )
-        except Exception as db_exc:  # keep the original error: it is the one that matters
-            logger.warning("could not record the failed training run: %s", db_exc)
-        raise
-
-    v = result.validation
+            _log_dataset(dataset.report)
+            config = TrainConfig(
+                epochs=params.epochs,
+                batch_size=params.batch_size,
+                lr=params.lr,
+                patience=params.patience,
+                target_sensitivity=params.target_sensitivity,
+                augment=params.augment,
+                seed=params.seed,
+                device=settings.device,
+                positive_index=dataset.class_names.index(dataset.positive_class),
+            )
+            arch_kwargs = {"num_classes": len(dataset.class_names)}
+            result = t.fit(
+                params.architecture,
+                arch_kwargs,
+                dataset,
+                config,
+                on_epoch=lambda row: report("train-epoch", epochs=params.epochs, **row),
+            )
+            checkpoint = make_checkpoint(
+                result,
+                dataset,
+                architecture=params.architecture,
+                arch_kwargs=arch_kwargs,
+                name=params.name,
+                version=params.version,
+                notes=params.notes,
+                started_at=started_at,
+                reduced=params.reduced,
+                selection_policy=policy.to_dict(),
+            )
+            sha256 = t.save_checkpoint(checkpoint, out)
+            counts = dataset.report.run_counts()
+            model_id, run_id = t.record_training(engine, checkpoint, counts=counts, **run)
+        except BaseException as exc:
+            _record_failure(engine, run, dataset, exc)
+            raise
     create_markdown_artifact(
         evaluation_markdown(checkpoint, dataset, result),
         key="train-evaluation",
-        description=f"Validation report of {name} {checkpoint.version} (run {run_id})",
+        description=f"Validation report of {params.name} {checkpoint.version} (run {run_id})",
     )
     create_table_artifact(
-        [
-            {k: (round(x, 5) if isinstance(x, float) else x) for k, x in row.items()}
-            for row in result.history
-        ],
+        history_rows(result),
         key="train-history",
-        description=f"Per-epoch history of {name} {checkpoint.version}",
+        description=f"Per-epoch history of {params.name} {checkpoint.version}",
     )
-    summary = {
-        "run_id": run_id,
-        "model_id": model_id,
-        "checkpoint": str(out_path),
-        "sha256": sha256,
-        "name": name,
-        "version": checkpoint.version,
-        "class_names": checkpoint.class_names,
-        "positive_class": checkpoint.positive_class,
-        "threshold": checkpoint.threshold,
-        "auroc": v.auroc,
-        "sensitivity": v.sensitivity,
-        "specificity": v.specificity,
-        "confusion": {"tp": v.tp, "fp": v.fp, "tn": v.tn, "fn": v.fn},
-        "best_epoch": result.best_epoch,
-        "epochs_run": len(result.history),
-        "train_seconds": round(result.seconds, 1),
-        "dataset": rep.to_dict(),
-    }
+    summary = training_summary(
+        checkpoint, dataset, result, out=out, sha256=sha256, model_id=model_id, run_id=run_id
+    )
     report("train-done", **summary)
     return summary
+
+
+def _check(data: str, out: str, params: TrainParameters) -> SelectionPolicy:
+    """The selection policy; refuses a run that cannot start."""
+    if not Path(data).exists():
+        raise TrainError(f"training data does not exist: {data}")
+    if Path(out).is_dir():
+        raise TrainError(f"--out {out} is a directory; give the checkpoint's file name")
+    try:
+        policy = SelectionPolicy.from_dict(params.selection) if params.selection else None
+    except (TypeError, ValueError) as exc:
+        raise TrainError(f"the selection policy {params.selection} is invalid: {exc}") from None
+    return policy or SelectionPolicy()
+
+
+def _log_dataset(rep: DatasetReport) -> None:
+    get_run_logger().info(
+        "dataset: %d files seen, %d used, %d skipped, %d failed; train %s, validation %s",
+        rep.files_seen,
+        rep.used,
+        rep.skipped,
+        rep.failed,
+        rep.per_split["train"],
+        rep.per_split["validation"],
+    )
+    report("train-dataset", **rep.to_dict())
+
+
+def _record_failure(
+    engine: Engine, run: dict[str, Any], dataset: TrainingData | None, exc: BaseException
+) -> None:
+    """Record the run as failed, with what the data set held; the original error is the one
+    that matters, so a failure to record it is logged (and noted on it) instead."""
+    counts = dataset.report.run_counts() if dataset is not None else None
+    try:
+        t.record_failed_training(engine, error=f"{type(exc).__name__}: {exc}", counts=counts, **run)
+    except Exception as db_exc:
+        get_run_logger().warning("could not record the failed training run: %s", db_exc)
+        exc.add_note(f"(recording the failed training run also failed: {db_exc})")

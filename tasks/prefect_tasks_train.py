@@ -1,6 +1,7 @@
 """Prefect tasks for the ``train`` flow: one task per stage, thin wrappers over plain functions.
 
-Only the database steps are retried, and only for transient connection errors.
+Only the database steps are retried, and only for transient connection errors. The engine
+is the run's (``tasks.prefect_tasks.database``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from sqlalchemy.engine import Engine
 
 from model.checkpoint import Checkpoint
 from model.spec import PreprocessSpec
@@ -21,8 +23,8 @@ from tasks.training_data import Progress, TrainingData, build_training_data
 
 
 @task(name="check-database", cache_policy=NO_CACHE, **DB_RETRIES)
-def check_database(database_url: str, name: str, version: str | None) -> None:
-    training_run.check_database(database_url, name, version)
+def check_database(engine: Engine, name: str, version: str | None) -> None:
+    training_run.check_database(engine, name, version)
 
 
 @task(name="build-dataset", cache_policy=NO_CACHE)
@@ -70,11 +72,11 @@ def save_checkpoint(checkpoint: Checkpoint, out: str) -> str:
 
 
 @task(name="record-training", cache_policy=NO_CACHE, **DB_RETRIES)
-def record_training(database_url: str, checkpoint: Checkpoint, **run: Any) -> tuple[int, int]:
+def record_training(engine: Engine, checkpoint: Checkpoint, **run: Any) -> tuple[int, int]:
     """``training_run.record_training``: ``run`` holds its keyword arguments."""
-    return training_run.record_training(database_url, checkpoint, **run)
+    return training_run.record_training(engine, checkpoint, **run)
 
 
 @task(name="record-failed-training", cache_policy=NO_CACHE, **DB_RETRIES)
-def record_failed_training(database_url: str, **run: Any) -> int:
-    return training_run.record_failed_training(database_url, **run)
+def record_failed_training(engine: Engine, **run: Any) -> int:
+    return training_run.record_failed_training(engine, **run)

@@ -1,7 +1,7 @@
 """A training run's bookkeeping: the checkpoint, its provenance, the database records, the report.
 
 Plain functions (no Prefect): ``flows/train.py`` composes them through the thin tasks in
-``tasks/prefect_tasks_train.py``.
+``tasks/prefect_tasks_train.py``. The database functions take the run's engine from the caller.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from typing import Any
 
 import sqlalchemy as sa
 import torch
+from sqlalchemy.engine import Engine
 
 from model.checkpoint import Checkpoint
 from model.training import TrainResult
 from sql import runs
+from sql.db import session_factory
 from sql.schema import Model
 from tasks.training_data import TrainingData
 
@@ -136,31 +138,25 @@ def _json_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def check_database(database_url: str, name: str, version: str | None) -> None:
-    """Connect (migrating if needed) before training, and refuse a name and version that is
-    already registered: finding out after an hour of training would be worse."""
-    from sql.db import connect, session_factory
-
-    engine = connect(database_url)
-    try:
-        if version is None:
-            return
-        models = Model.__table__
-        with session_factory(engine)() as session:
-            sha = session.execute(
-                sa.select(models.c.sha256).where(models.c.name == name, models.c.version == version)
-            ).scalar_one_or_none()
-        if sha is not None:
-            raise ValueError(
-                f"model {name!r} version {version!r} is already registered (checkpoint sha256 "
-                f"{sha}); choose another --version or leave it out for a date-based one"
-            )
-    finally:
-        engine.dispose()
+def check_database(engine: Engine, name: str, version: str | None) -> None:
+    """Refuse a name and version that is already registered before training: finding out
+    after an hour of training would be worse."""
+    if version is None:
+        return
+    models = Model.__table__
+    with session_factory(engine, read_only=True)() as session:
+        sha = session.execute(
+            sa.select(models.c.sha256).where(models.c.name == name, models.c.version == version)
+        ).scalar_one_or_none()
+    if sha is not None:
+        raise ValueError(
+            f"model {name!r} version {version!r} is already registered (checkpoint sha256 "
+            f"{sha}); choose another --version or leave it out for a date-based one"
+        )
 
 
 def record_training(
-    database_url: str,
+    engine: Engine,
     checkpoint: Checkpoint | None,
     *,
     counts: Mapping[str, int] | None,
@@ -179,45 +175,80 @@ def record_training(
     Without one, the run is recorded as failed with ``error`` (truncated to 2000 characters)
     and no model version (``model_id`` is None); ``counts`` may then be None (nothing seen).
     """
-    from sql.db import connect, session_factory
-
     if checkpoint is not None and not checkpoint.sha256:
         raise ValueError("the checkpoint must be saved (it has no sha256 yet) before registering")
     if (checkpoint is None) == (error is None):
         raise ValueError("give either a checkpoint (a completed run) or an error (a failed one)")
     zero = {"files_seen": 0, "predicted": 0, "skipped": 0, "failed": 0}
-    engine = connect(database_url)
-    try:
-        with session_factory(engine).begin() as session:
-            model_id = (
-                None
-                if checkpoint is None
-                else runs.register_model(session, checkpoint.metadata(), checkpoint.sha256)
-            )
-            run_id = runs.start_run(
-                session,
-                kind="train",
-                source=source,
-                parameters=dict(parameters),
-                selection_policy=dict(selection_policy),
-                model_id=model_id,
-                prefect_flow_run_id=prefect_flow_run_id,
-                started_at=started_at,
-            )
-            if error is None:
-                runs.finish_run(session, run_id, "completed", dict(counts or zero))
-            else:
-                runs.finish_run(session, run_id, "failed", dict(counts or zero), error[:2000])
-        return model_id, run_id
-    finally:
-        engine.dispose()
+    with session_factory(engine).begin() as session:
+        model_id = (
+            None
+            if checkpoint is None
+            else runs.register_model(session, checkpoint.metadata(), checkpoint.sha256)
+        )
+        run_id = runs.start_run(
+            session,
+            kind="train",
+            source=source,
+            parameters=dict(parameters),
+            selection_policy=dict(selection_policy),
+            model_id=model_id,
+            prefect_flow_run_id=prefect_flow_run_id,
+            started_at=started_at,
+        )
+        if error is None:
+            runs.finish_run(session, run_id, "completed", dict(counts or zero))
+        else:
+            runs.finish_run(session, run_id, "failed", dict(counts or zero), error[:2000])
+    return model_id, run_id
 
 
-def record_failed_training(database_url: str, *, error: str, **run: Any) -> int:
+def record_failed_training(engine: Engine, *, error: str, **run: Any) -> int:
     """Record a ``train`` run that failed (no model version), with its error; returns run_id.
 
     ``run``: the keyword arguments of ``record_training`` but the checkpoint."""
-    return record_training(database_url, None, error=error, **run)[1]
+    return record_training(engine, None, error=error, **run)[1]
+
+
+def training_summary(
+    checkpoint: Checkpoint,
+    data: TrainingData,
+    result: TrainResult,
+    *,
+    out: str,
+    sha256: str,
+    model_id: int | None,
+    run_id: int,
+) -> dict[str, Any]:
+    """What the ``train`` flow returns: the checkpoint, its registration and its metrics."""
+    v = result.validation
+    return {
+        "run_id": run_id,
+        "model_id": model_id,
+        "checkpoint": out,
+        "sha256": sha256,
+        "name": checkpoint.name,
+        "version": checkpoint.version,
+        "class_names": checkpoint.class_names,
+        "positive_class": checkpoint.positive_class,
+        "threshold": checkpoint.threshold,
+        "auroc": v.auroc,
+        "sensitivity": v.sensitivity,
+        "specificity": v.specificity,
+        "confusion": {"tp": v.tp, "fp": v.fp, "tn": v.tn, "fn": v.fn},
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "train_seconds": round(result.seconds, 1),
+        "dataset": data.report.to_dict(),
+    }
+
+
+def history_rows(result: TrainResult) -> list[dict[str, Any]]:
+    """The per-epoch history, floats rounded (for a table artifact)."""
+    return [
+        {k: (round(x, 5) if isinstance(x, float) else x) for k, x in row.items()}
+        for row in result.history
+    ]
 
 
 def _fmt(value: Any, digits: int = 3) -> str:

@@ -192,19 +192,19 @@ def test_split_is_stratified_seeded_and_keeps_groups_whole():
 
 
 def _train(data: Path, out: Path, url: str, **kwargs):
+    """The train flow, small; the database URL reaches it through the settings."""
+    from flows.parameters import TrainParameters
     from flows.train import train
 
-    return train(
-        str(data),
-        str(out),
-        epochs=2,
-        batch_size=8,
-        input_size=48,
-        database_url=url,
-        workers=0,
-        val_fraction=0.25,
-        **kwargs,
-    )
+    os.environ["CXR_SCREEN_DATABASE_URL"] = url  # restored by _database_setting
+    params = dict(epochs=2, batch_size=8, input_size=48, workers=0, val_fraction=0.25)
+    return train(str(data), str(out), params=TrainParameters(**{**params, **kwargs}))
+
+
+@pytest.fixture(autouse=True)
+def _database_setting(monkeypatch, tmp_path):
+    """Whatever a test or a command sets CXR_SCREEN_DATABASE_URL to, it is restored after."""
+    monkeypatch.setenv("CXR_SCREEN_DATABASE_URL", f"sqlite:///{tmp_path / 'unset.db'}")
 
 
 def test_train_flow_writes_registers_and_reports(
