@@ -19,6 +19,7 @@ from cli.console import (
     quiet_prefect_defaults,
     run_with_progress,
 )
+from cli.screen import database_via_settings
 
 app = typer.Typer(help="Fan-out reprocessing across Prefect workers.", no_args_is_help=True)
 
@@ -71,24 +72,36 @@ def run_command(
     job_key: Annotated[
         str | None, typer.Option(help="Resume the fan-out job with this key")
     ] = None,
-    db: Annotated[str | None, typer.Option("--db", help="Results database URL")] = None,
+    db: Annotated[
+        str | None,
+        typer.Option(
+            "--db",
+            help="Results database URL of this process, the parent (default: settings); the "
+            "workers read their own CXR_SCREEN_DATABASE_URL, which must name the same database",
+        ),
+    ] = None,
 ) -> None:
     """Reprocess sources across the workers of a Prefect server (this process is the parent)."""
     quiet_console()
     require_server()
+    database_via_settings(db)  # this process's; the workers read their own environment's
     from flows.fanout import screen_fanout
+    from flows.parameters import FanoutParameters
 
+    with exit_on_error():
+        params = FanoutParameters(
+            force=force,
+            manifest_size=manifest_size,
+            max_in_flight=max_in_flight,
+            shard_timeout_s=shard_timeout,
+            spool_dir=str(spool_dir) if spool_dir else None,
+            job_key=job_key,
+        )
     summary = run_with_progress(
         screen_fanout,
         sources=[str(s) for s in sources],
         model=str(model) if model else None,
-        force=force,
-        manifest_size=manifest_size,
-        max_in_flight=max_in_flight,
-        shard_timeout_s=shard_timeout,
-        spool_dir=str(spool_dir) if spool_dir else None,
-        job_key=job_key,
-        database_url=db,
+        params=params,
     )
     print_summary(summary)
 

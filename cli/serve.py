@@ -144,8 +144,9 @@ def deployments(
         ),
         screen.to_deployment(
             "reprocess",
-            parameters={"model": model, "force": False},
-            description="Screen an archive or folder on demand (parameters: sources, model, force)",
+            parameters={"model": model},
+            description="Screen an archive or folder on demand (parameters: sources, model, and "
+            "params: force, ...)",
             tags=["cxr-screen", "reprocess"],
             entrypoint_type=module,
         ),

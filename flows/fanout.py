@@ -31,6 +31,7 @@ import socket
 import time
 from concurrent.futures import FIRST_COMPLETED
 from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,20 +40,28 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
+from sqlalchemy.engine import Engine
 
+from flows.parameters import MAX_IN_FLIGHT_CAP, FanoutParameters
 from flows.progress import report
 from flows.screen import ScreenError
 from flows.settings import Settings, get_settings
+from model.checkpoint import Checkpoint
 from sql import manifests as store
+from sql.db import session_factory
+from tasks import manifests as fan
+from tasks import prefect_tasks as t
+from tasks.dicom.selection import SelectionPolicy
+from tasks.screening import ShardProcessor
 
 WORK_POOL = "cxr-screen"
 SHARD_QUEUE = "shards"
 CONTROL_QUEUE = "control"
-MAX_IN_FLIGHT_CAP = 64  # threads of the parent's task runner; max_in_flight may not exceed it
 SHARD_FLOW = "screen-shard"
 SHARD_DEPLOYMENT = f"{SHARD_FLOW}/shard"
 FANOUT_DEPLOYMENT_NAME = "reprocess-fanout"
 DEVICE_LIMIT_PREFIX = "cxr-screen-device:"
+DEFAULT_FANOUT = FanoutParameters()  # frozen: one instance serves every call
 
 
 class FanoutError(ScreenError):
@@ -117,50 +126,15 @@ def worker_label(settings: Settings) -> str:
 # --- the shard sub-flow (runs on a worker) ----------------------------------------------------
 
 
-@task(name="screen-manifest", cache_policy=NO_CACHE)
-def screen_manifest_task(sessions, manifest_id: int, checkpoint, settings: Settings):
-    from tasks.manifests import screen_manifest
-    from tasks.screening import ShardProcessor
-
-    with sessions() as session:
-        manifest = store.get_manifest(session, manifest_id, with_files=False)
-    if manifest.done:
-        from tasks.manifests import ManifestResult
-
-        return ManifestResult(manifest, already_done=True)
-    logger = get_run_logger()
-    with (
-        holding_device(device_slot(settings)),
-        ShardProcessor(
-            checkpoint,
-            device=settings.device,
-            workers=settings.workers,
-            batch_size=settings.batch_size,
-            reduced=bool(manifest.parameters.get("reduced", True)),
-            thumbnails_dir=settings.thumbnails_dir,
-        ) as processor,
-    ):
-        return screen_manifest(
-            sessions,
-            manifest_id,
-            processor,
-            hmac_key=settings.hmac_secret(),
-            worker=worker_label(settings),
-            prefect_flow_run_id=str(flow_run.id) if flow_run.id else None,
-            on_chunk=lambda r: logger.info(
-                "manifest %d: %d of %d files committed",
-                manifest_id,
-                r.manifest.files_done,
-                r.manifest.n_files,
-            ),
-        )
-
-
-@flow(name=SHARD_FLOW, description="Screen one shard manifest of a fan-out job (on a worker).")
+@flow(
+    name=SHARD_FLOW,
+    task_runner=ThreadPoolTaskRunner(max_workers=2),
+    description="Screen one shard manifest of a fan-out job (on a worker).",
+)
 def screen_shard(
     manifest_id: int,
     model: str,
-    database_url: str | None = None,
+    job_key: str | None = None,
     device: str | None = None,
     workers: int | None = None,
     batch_size: int | None = None,
@@ -169,26 +143,18 @@ def screen_shard(
 
     The job's own settings (force, selection, shard size, aggregation, reduced decoding) come
     from the manifest; this worker's come from its environment (database URL, device, decode
-    processes, home, HMAC key, device slot). The model file must be the one the job planned.
+    processes, home, HMAC key, device slot). The model file must be the one the job planned,
+    and the manifest must belong to ``job_key`` (else this worker's database is another).
     """
-    from model.checkpoint import load_checkpoint
-    from sql.db import connect, session_factory
-
     # pydicom logs each decoder failure at ERROR with a traceback; the reason is stored with the
     # file (file_outcomes.reason), so this run's log keeps to the shard's progress.
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
-    settings = get_settings(
-        database_url=database_url, device=device, workers=workers, batch_size=batch_size
-    )
+    settings = get_settings(device=device, workers=workers, batch_size=batch_size)
     if not Path(model).is_file():
         raise FanoutError(f"the model file {model} does not exist on this worker")
-    engine = connect(settings.database_url)
-    try:
-        sessions = session_factory(engine)
-        checkpoint = load_checkpoint(model)
-        result = screen_manifest_task(sessions, manifest_id, checkpoint, settings)
-    finally:
-        engine.dispose()
+    checkpoint = t.load_model(model)
+    with t.database(settings.database_url) as engine:
+        result = _screen_manifest(engine, manifest_id, job_key, checkpoint, settings)
     m = result.manifest
     get_run_logger().info(
         "manifest %d (shard %d of job %s): %s, %d files this run, counts %s",
@@ -208,6 +174,45 @@ def screen_shard(
         "already_done": result.already_done,
         "worker": m.worker,
     }
+
+
+def _screen_manifest(
+    engine: Engine, manifest_id: int, job_key: str | None, checkpoint, settings: Settings
+) -> fan.ManifestResult:
+    """The manifest through the shard loop (its steps as tasks), holding the device's slot."""
+    with session_factory(engine)() as session:
+        manifest = store.get_manifest(session, manifest_id, with_files=False)
+    fan.check_job(manifest, job_key)
+    if manifest.done:  # nothing to do: neither the device slot nor decode processes
+        return fan.ManifestResult(manifest, already_done=True)
+    logger = get_run_logger()
+    with (
+        holding_device(device_slot(settings)),
+        ShardProcessor(
+            checkpoint,
+            device=settings.device,
+            workers=settings.workers,
+            batch_size=settings.batch_size,
+            reduced=bool(manifest.parameters.get("reduced", True)),
+            thumbnails_dir=settings.thumbnails_dir,
+        ) as processor,
+    ):
+        return fan.screen_manifest(
+            engine,
+            manifest_id,
+            processor,
+            hmac_key=settings.hmac_secret(),
+            worker=worker_label(settings),
+            job_key=job_key,
+            prefect_flow_run_id=str(flow_run.id) if flow_run.id else None,
+            on_chunk=lambda r: logger.info(
+                "manifest %d: %d of %d files committed",
+                manifest_id,
+                r.manifest.files_done,
+                r.manifest.n_files,
+            ),
+            wrap_steps=t.TaskSteps,
+        )
 
 
 # --- the parent flow ------------------------------------------------------------------------
@@ -284,175 +289,179 @@ def launch_shard(
     description="Reprocess large sources across workers: one sub-flow run per shard manifest.",
 )
 def screen_fanout(
-    sources: list[str],
-    model: str | None = None,
-    force: bool = False,
-    manifest_size: int | None = None,
-    shard_size: int | None = None,
-    max_in_flight: int = 8,
-    shard_attempts: int = 3,
-    shard_timeout_s: float | None = None,
-    aggregation: str = "max",
-    reduced: bool = True,
-    selection: dict[str, Any] | None = None,
-    spool_dir: str | None = None,
-    job_key: str | None = None,
-    deployment: str = SHARD_DEPLOYMENT,
-    database_url: str | None = None,
-    poll_s: float = 5.0,
+    sources: list[str], model: str | None = None, params: FanoutParameters = DEFAULT_FANOUT
 ) -> dict[str, Any]:
     """Plan → launch one sub-flow run per manifest (bounded) → re-aggregate split studies.
 
-    ``sources`` and ``model`` are paths every worker sees at the same place. Workers read
-    their database URL from their own environment unless ``database_url`` is given here (then
-    it is passed to them as a parameter, visible in the UI: keep passwords out of it).
-    """
-    from model.checkpoint import load_checkpoint
-    from sql.db import connect, session_factory
-    from tasks import manifests as plan
-    from tasks.dicom.selection import SelectionPolicy
+    The workers read the results database's URL (and the HMAC key) from their own
+    environment, never from a parameter: Prefect stores parameters and shows them.
 
+    Args:
+        sources: Folders, files or archives, at paths every worker sees.
+        model: The checkpoint, at a path every worker sees (default: CXR_SCREEN_MODEL_PATH).
+        params: How to plan and launch the job.
+    """
     logger = get_run_logger()
-    settings = get_settings(database_url=database_url, shard_size=shard_size)
-    model_path = model or (str(settings.model_path) if settings.model_path else None)
-    if not model_path:
-        raise FanoutError("no model given: pass model or set CXR_SCREEN_MODEL_PATH")
-    missing = [s for s in [model_path, *sources] if not Path(s).exists()]
-    if missing:
-        raise FanoutError(f"{missing[0]} does not exist")
-    if not sources:
-        raise FanoutError("no sources given")
-    size = manifest_size or settings.manifest_size
-    for name, value, low, high in (
-        ("manifest_size", size, 1, None),
-        ("shard_size", settings.shard_size, 1, None),
-        ("max_in_flight", max_in_flight, 1, MAX_IN_FLIGHT_CAP),
-        ("shard_attempts", shard_attempts, 1, None),
-    ):
-        if value < low or (high is not None and value > high):
-            rule = f"from {low} to {high}" if high else f"at least {low}"
-            raise FanoutError(f"a {name} of {value} is invalid, it must be {rule}")
-    if shard_timeout_s is not None and shard_timeout_s <= 0:
-        raise FanoutError(f"a shard_timeout_s of {shard_timeout_s:g} is invalid, it must be > 0")
-    policy = SelectionPolicy.from_dict(selection) if selection else SelectionPolicy()
-    spool = spool_dir or (str(settings.spool_dir) if settings.spool_dir else None)
-    key = job_key or (str(flow_run.id) if flow_run.id else None)
-    if not key:
-        raise FanoutError("no job_key: run the fan-out as a Prefect flow or give a job_key")
-    model_path = str(Path(model_path).resolve())
-    checkpoint = load_checkpoint(model_path)
-    parameters = {
-        "force": force,
-        "reduced": reduced,
-        "aggregation": aggregation,
-        "shard_size": settings.shard_size,
-        "selection": policy.to_dict(),
-        "model_sha256": checkpoint.sha256,
-        "key_fingerprint": plan.key_fingerprint(settings.hmac_secret()),
-    }
-    engine = connect(settings.database_url)
-    sessions = session_factory(engine)
+    settings = get_settings(shard_size=params.shard_size)
+    spec = _job_spec(sources, model, params, settings)
     started = time.perf_counter()
-    job = None
-    try:
-        job = plan.open_job(
+    with t.database(settings.database_url) as engine:
+        sessions = session_factory(engine)
+        job = fan.open_job(
             sessions,
-            checkpoint,
-            job_key=key,
+            spec.checkpoint,
+            job_key=spec.key,
             source=", ".join(str(s) for s in sources),
-            parameters={
-                **parameters,
-                "fanout": True,
-                "job_key": key,
-                "manifest_size": size,
-                "max_in_flight": max_in_flight,
-                "sources": len(sources),
-            },
+            parameters={**spec.parameters, **spec.recorded},
             prefect_flow_run_id=str(flow_run.id) if flow_run.id else None,
             stale_after=settings.stale_run_after,
         )
         if job.completed:
-            logger.info("fan-out job %s was already completed (run %d)", key, job.run_id)
+            logger.info("fan-out job %s was already completed (run %d)", job.job_key, job.run_id)
+        manifests = _plan(sessions, job, sources, spec)
         try:
-            manifests = plan.plan_job(
+            failures = _launch_all(
                 sessions,
-                job_key=key,
-                sources=[str(Path(s).resolve()) for s in sources],
+                manifests,
                 run_id=job.run_id,
-                model_id=job.model_id,
-                parameters=parameters,
-                manifest_size=size,
-                spool_dir=spool,
+                max_in_flight=params.max_in_flight,
+                deployment=params.deployment,
+                job_key=job.job_key,
+                parameters={"model": spec.model_path, "job_key": job.job_key},
+                attempts=params.shard_attempts,
+                timeout_s=params.shard_timeout_s,
+                poll_s=params.poll_s,
             )
-        except (plan.CompressedTarError, store.ManifestError) as exc:
-            plan.close_job(sessions, job, error=str(exc), forget=not job.resumed)
-            job = None  # closed
-            raise FanoutError(str(exc)) from None
-        report("start", run_id=job.run_id, total=sum(m.n_files for m in manifests))
-        logger.info(
-            "fan-out job %s (run %d): %d files in %d manifests, %d already done",
-            key,
-            job.run_id,
-            sum(m.n_files for m in manifests),
-            len(manifests),
-            sum(m.done for m in manifests),
-        )
-        child_parameters = {"model": model_path}
-        if database_url:
-            child_parameters["database_url"] = database_url
-        failures = _launch_all(
+            if failures:
+                first, exc = failures[0]
+                raise FanoutError(
+                    f"{len(failures)} of {len(manifests)} shard(s) did not finish; first: "
+                    f"shard {first.shard_index}: {exc}"
+                )
+            final, counts, split = fan.finish_job(
+                sessions,
+                job,
+                aggregation=params.aggregation,
+                force=params.force,
+                spool_dir=spec.spool,
+            )
+        except BaseException as exc:  # the run records why; the manifests keep the progress
+            fan.fail_job(sessions, job, exc)
+            raise
+    return _summary(job, spec, final, counts, split, time.perf_counter() - started)
+
+
+@dataclass(frozen=True)
+class _JobSpec:
+    """A fan-out job's inputs, checked: the model, the key, the spool, what manifests carry."""
+
+    model_path: str
+    checkpoint: Checkpoint
+    key: str
+    manifest_size: int
+    spool: str | None
+    parameters: dict[str, Any]  # every manifest's: how its files are screened
+    recorded: dict[str, Any]  # added to the run's record
+
+
+def _job_spec(
+    sources: list[str], model: str | None, params: FanoutParameters, settings: Settings
+) -> _JobSpec:
+    """Check the job's inputs and load its model; ``FanoutError`` says what is wrong."""
+    model_path = model or (str(settings.model_path) if settings.model_path else None)
+    if not model_path:
+        raise FanoutError("no model given: pass model or set CXR_SCREEN_MODEL_PATH")
+    if not sources:
+        raise FanoutError("no sources given")
+    missing = [s for s in [model_path, *sources] if not Path(s).exists()]
+    if missing:
+        raise FanoutError(f"{missing[0]} does not exist")
+    size = params.manifest_size or settings.manifest_size
+    for name, value in (("manifest_size", size), ("shard_size", settings.shard_size)):
+        if value < 1:
+            raise FanoutError(f"a {name} of {value} is invalid, it must be at least 1")
+    try:
+        policy = SelectionPolicy.from_dict(params.selection) if params.selection else None
+    except (TypeError, ValueError) as exc:
+        raise FanoutError(f"the selection policy {params.selection} is invalid: {exc}") from None
+    key = params.job_key or (str(flow_run.id) if flow_run.id else None)
+    if not key:
+        raise FanoutError("no job_key: run the fan-out as a Prefect flow or give a job_key")
+    model_path = str(Path(model_path).resolve())
+    checkpoint = t.load_model(model_path)
+    return _JobSpec(
+        model_path=model_path,
+        checkpoint=checkpoint,
+        key=key,
+        manifest_size=size,
+        spool=params.spool_dir or (str(settings.spool_dir) if settings.spool_dir else None),
+        parameters={
+            "force": params.force,
+            "reduced": params.reduced,
+            "aggregation": params.aggregation,
+            "shard_size": settings.shard_size,
+            "selection": (policy or SelectionPolicy()).to_dict(),
+            "model_sha256": checkpoint.sha256,
+            "key_fingerprint": fan.key_fingerprint(settings.hmac_secret()),
+        },
+        recorded={
+            "fanout": True,
+            "job_key": key,
+            "manifest_size": size,
+            "max_in_flight": params.max_in_flight,
+            "sources": len(sources),
+        },
+    )
+
+
+def _plan(sessions, job: fan.Job, sources: list[str], spec: _JobSpec) -> list[store.Manifest]:
+    """The job's manifests (planned now, or as planned before); a plan that cannot be made
+    closes the run as failed with the reason (and forgets a new job's partial plan)."""
+    try:
+        manifests = fan.plan_job(
             sessions,
-            manifests,
+            job_key=job.job_key,
+            sources=[str(Path(s).resolve()) for s in sources],
             run_id=job.run_id,
-            max_in_flight=max_in_flight,
-            deployment=deployment,
-            job_key=key,
-            parameters=child_parameters,
-            attempts=shard_attempts,
-            timeout_s=shard_timeout_s,
-            poll_s=poll_s,
-        )
-        with sessions() as session:
-            final = store.job_manifests(session, key)
-        counts = plan.job_counts(final)
-        if failures:
-            first, exc = failures[0]
-            raise FanoutError(
-                f"{len(failures)} of {len(final)} shard(s) did not finish; first: shard "
-                f"{first.shard_index}: {exc}"
-            )
-        split = plan.split_study_uids(final)
-        plan.aggregate_studies(
-            sessions,
-            split,
             model_id=job.model_id,
-            run_id=job.run_id,
-            aggregation=aggregation,
-            force=force,
+            parameters=spec.parameters,
+            manifest_size=spec.manifest_size,
+            spool_dir=spec.spool,
         )
-        plan.close_job(sessions, job, counts=counts)
-        job_done = job
-        job = None  # closed
-        plan.remove_spool(spool, key)
+    except (fan.CompressedTarError, store.ManifestError) as exc:
+        fan.close_job(sessions, job, error=str(exc), forget=not job.resumed)
+        raise FanoutError(str(exc)) from None
     except BaseException as exc:
-        if job is not None:  # the run records why it stopped; the manifests keep the progress
-            try:
-                with sessions() as session:
-                    so_far = plan.job_counts(store.job_manifests(session, key))
-                plan.close_job(sessions, job, counts=so_far, error=f"{type(exc).__name__}: {exc}")
-            except Exception as inner:  # e.g. the database is what failed: keep the first error
-                exc.add_note(f"(closing run {job.run_id} as failed also failed: {inner})")
+        fan.fail_job(sessions, job, exc)
         raise
-    finally:
-        engine.dispose()
-    seconds = time.perf_counter() - started
+    total = sum(m.n_files for m in manifests)
+    report("start", run_id=job.run_id, total=total)
+    get_run_logger().info(
+        "fan-out job %s (run %d): %d files in %d manifests, %d already done",
+        job.job_key,
+        job.run_id,
+        total,
+        len(manifests),
+        sum(m.done for m in manifests),
+    )
+    return manifests
+
+
+def _summary(
+    job: fan.Job,
+    spec: _JobSpec,
+    final: list[store.Manifest],
+    counts: dict[str, int],
+    split: list[str],
+    seconds: float,
+) -> dict[str, Any]:
     by_worker: dict[str, int] = {}
     for m in final:
         by_worker[m.worker or "?"] = by_worker.get(m.worker or "?", 0) + 1
     summary = {
-        "run_id": job_done.run_id,
-        "job_key": key,
-        "model": f"{checkpoint.name} {checkpoint.version}",
+        "run_id": job.run_id,
+        "job_key": job.job_key,
+        "model": f"{spec.checkpoint.name} {spec.checkpoint.version}",
         "files_seen": counts["files_seen"],
         "predicted": counts["predicted"],
         "skipped": counts["skipped"],
@@ -466,12 +475,12 @@ def screen_fanout(
     create_table_artifact(
         [{k: v for k, v in summary.items() if k != "workers"}],
         key="fanout-summary",
-        description=f"Run {job_done.run_id}: fan-out job {key}",
+        description=f"Run {job.run_id}: fan-out job {job.job_key}",
     )
     create_table_artifact(
         [{"worker": w, "manifests": n} for w, n in sorted(by_worker.items())],
         key="fanout-workers",
-        description=f"Run {job_done.run_id}: manifests screened per worker (last claim)",
+        description=f"Run {job.run_id}: manifests screened per worker (last claim)",
     )
     report("done", **summary)
     return summary
@@ -572,7 +581,7 @@ def register_deployments(
             work_pool_name=work_pool,
             work_queue_name=control_queue,
             description="Reprocess large sources across the GPU workers (parameters: sources, "
-            "model, force, manifest_size, max_in_flight, spool_dir)",
+            "model, and params: force, manifest_size, max_in_flight, spool_dir, ...)",
             tags=["cxr-screen", "reprocess", "fanout"],
             entrypoint_type=module,
         ),
