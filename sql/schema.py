@@ -376,4 +376,48 @@ class WebUser(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(server_default=sa.func.now())
 
 
+# -- results back to the PACS (tasks/publish, revision 0005) -----------------------------------
+
+PUBLICATION_STATUSES = ("sent", "failed")
+PUBLICATION_PROTOCOLS = ("STOW-RS", "C-STORE")
+
+
+class Publication(Base):
+    """One attempt to send a study's result under one model version to a PACS, as a DICOM
+    Structured Report: what was sent (the SR's UIDs and SOP class, the study result's version),
+    where, when, and the PACS's answer. Append-only history; ``v_unpublished`` lists the study
+    results that no successful attempt has sent yet (or whose result changed since).
+
+    ``destination`` is the configured PACS's name and address, never its credentials.
+    ``prediction_at`` is the ``study_predictions.predicted_at`` of the result that was sent.
+    """
+
+    __tablename__ = "publications"
+    __table_args__ = (
+        sa.CheckConstraint(_in("status", PUBLICATION_STATUSES), name="status"),
+        sa.CheckConstraint(_in("protocol", PUBLICATION_PROTOCOLS), name="protocol"),
+        sa.CheckConstraint("status = 'sent' OR error IS NOT NULL", name="error_required"),
+        sa.Index(None, "study_instance_uid", "model_id"),
+        sa.Index(None, "sent_at"),
+    )
+
+    publication_id: Mapped[int] = mapped_column(sa.Integer, sa.Identity(), primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(sa.ForeignKey("studies.study_instance_uid"))
+    model_id: Mapped[int] = mapped_column(sa.ForeignKey("models.model_id"))
+    destination: Mapped[str]
+    protocol: Mapped[str]
+    sr_sop_class_uid: Mapped[str]
+    sr_series_instance_uid: Mapped[str]
+    sr_sop_instance_uid: Mapped[str]
+    prediction_at: Mapped[dt.datetime]
+    score: Mapped[float]
+    label: Mapped[bool]
+    n_images: Mapped[int]
+    status: Mapped[str]
+    pacs_status: Mapped[str | None]  # "HTTP 200", "0x0000", ...
+    pacs_answer: Mapped[dict[str, Any]]  # the PACS's answer, without patient data
+    error: Mapped[str | None]
+    sent_at: Mapped[dt.datetime]
+
+
 metadata = Base.metadata
