@@ -14,7 +14,7 @@ $(BIN)/python:
 # Byte-compile the project's own packages as pip does for installed ones: where
 # PYTHONDONTWRITEBYTECODE is set (as on the CI machines) every command would otherwise compile
 # them again, ~0.8 s of each command's start-up on 2 cores.
-COMPILE := $(BIN)/python -m compileall -q cli flows tasks model sql
+COMPILE := $(BIN)/python -m compileall -q cli web flows tasks model sql
 
 install: $(BIN)/python
 	$(BIN)/pip install --quiet -e .
@@ -48,10 +48,11 @@ system-deps:
 test: install-dev postgres system-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q
 
 lint:
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
 
 bench:
 	$(BIN)/python benchmarks/bench_model.py
