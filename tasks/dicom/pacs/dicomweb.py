@@ -279,7 +279,9 @@ class DicomWebClient:
             "fields": list(fields),
             "search_filters": filters or None,
         }
-        what = f"the {level[:-1] if level != 'series' else 'series'} query"
+        what = {"studies": "the study query", "series": "the series query"}.get(
+            level, "the instance query"
+        )
         try:
             if level == "studies":
                 answer = client.search_for_studies(**kwargs)
@@ -342,8 +344,10 @@ class DicomWebClient:
         for item in answer:
             uid = _text(item, "StudyInstanceUID")
             if uid is None or not _UID.match(uid):
-                log.warning("PACS %r: a study match without a valid Study Instance UID", self.name)
-                continue
+                raise PacsProtocolError(
+                    f"{self._where()} answered the study query with a match without a valid "
+                    "Study Instance UID"
+                )
             matches.append(
                 StudyMatch(
                     study_uid=uid,
