@@ -257,8 +257,11 @@ def _shard_runs(api: str) -> list[dict]:
     )
 
 
-def test_fanout_across_two_workers_equals_a_single_process_run(stack, as_parent, databases):
+def test_fanout_across_two_workers_equals_a_single_process_run(
+    stack, as_parent, databases, monkeypatch
+):
     from flows.fanout import screen_fanout
+    from flows.parameters import FanoutParameters, ScreenParameters
     from flows.screen import screen
 
     corpus, api = stack["corpus"], stack["api"]
@@ -273,13 +276,15 @@ def test_fanout_across_two_workers_equals_a_single_process_run(stack, as_parent,
     summary = screen_fanout(
         corpus["sources"],
         model=corpus["model"],
-        manifest_size=size,
-        shard_size=16,
-        max_in_flight=4,
-        shard_timeout_s=240,
-        selection=SELECTION,
-        spool_dir=str(stack["root"] / "spool"),
-        poll_s=1,
+        params=FanoutParameters(
+            manifest_size=size,
+            shard_size=16,
+            max_in_flight=4,
+            shard_timeout_s=240,
+            selection=SELECTION,
+            spool_dir=str(stack["root"] / "spool"),
+            poll_s=1,
+        ),
     )
     stack["processes"].check_alive()
     n_manifests = 2
@@ -294,6 +299,10 @@ def test_fanout_across_two_workers_equals_a_single_process_run(stack, as_parent,
     runs = _shard_runs(api)
     assert len(runs) == n_manifests
     assert {r["state_type"] for r in runs} == {"COMPLETED"}
+    # The workers took their database from their own environment: the parent sent only which
+    # manifest of which job, and the model file.
+    assert all(set(r["parameters"]) == {"manifest_id", "model", "job_key"} for r in runs)
+    assert {r["parameters"]["job_key"] for r in runs} == {summary["job_key"]}
     engine = sa.create_engine(databases["fanout"])
     with engine.connect() as conn:
         manifests = conn.execute(
@@ -315,15 +324,15 @@ def test_fanout_across_two_workers_equals_a_single_process_run(stack, as_parent,
     assert all(c["limit"] == 1 and c["active_slots"] == 0 for c in limits.values())
     assert not (stack["root"] / "spool").exists() or not any((stack["root"] / "spool").iterdir())
 
-    # The same input through the single-process screen flow, into another database.
+    # The same input through the single-process screen flow, into another database (given
+    # through the settings, as every database URL is).
+    monkeypatch.setenv("CXR_SCREEN_DATABASE_URL", databases["single"])
     single = screen(
         corpus["sources"],
         model=corpus["model"],
-        database_url=databases["single"],
-        workers=0,
-        shard_size=40,
-        selection=SELECTION,
+        params=ScreenParameters(workers=0, shard_size=40, selection=SELECTION),
     )
+    monkeypatch.setenv("CXR_SCREEN_DATABASE_URL", databases["fanout"])
     assert {k: single[k] for k in ("files_seen", "predicted", "skipped", "failed")} == {
         k: summary[k] for k in ("files_seen", "predicted", "skipped", "failed")
     }
@@ -334,12 +343,14 @@ def test_fanout_across_two_workers_equals_a_single_process_run(stack, as_parent,
     again = screen_fanout(
         corpus["sources"],
         model=corpus["model"],
-        manifest_size=size,
-        shard_size=16,
-        selection=SELECTION,
-        spool_dir=str(stack["root"] / "spool"),
-        job_key=summary["job_key"],
-        poll_s=1,
+        params=FanoutParameters(
+            manifest_size=size,
+            shard_size=16,
+            selection=SELECTION,
+            spool_dir=str(stack["root"] / "spool"),
+            job_key=summary["job_key"],
+            poll_s=1,
+        ),
     )
     assert again["run_id"] == summary["run_id"]
     assert {k: again[k] for k in ("files_seen", "predicted", "skipped", "failed")} == {

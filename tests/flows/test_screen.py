@@ -209,3 +209,36 @@ def test_nightly_watermark_picks_up_only_new_files(tmp_path, sqlite_url, corpus,
         {"kind": "nightly", "files_seen": 0},
     ]
     assert os.path.exists(drop / "arrived_tonight.dcm")
+
+
+def test_one_engine_per_screening_run_and_per_nightly_run(corpus, tmp_path, monkeypatch):
+    """The caller owns the engine: a run opens its database once (migration check included)
+    and passes the engine down; no task or sql function creates one of its own."""
+    from flows.parameters import ScreenParameters
+    from flows.screen import nightly, screen
+
+    url = f"sqlite:///{tmp_path / 'engines.db'}"
+    monkeypatch.setenv("CXR_SCREEN_DATABASE_URL", url)
+    created: list[str] = []
+    real = sa.create_engine
+
+    def counting(target, *args, **kwargs):
+        created.append(str(target))
+        return real(target, *args, **kwargs)
+
+    monkeypatch.setattr(sa, "create_engine", counting)
+    drop = tmp_path / "drop"
+    synth.write_corpus(drop, 2, seed=8, size_range=(192, 256), lateral_fraction=0.0)
+
+    summary = screen(
+        [str(corpus["zip"]), str(drop)],
+        model=str(corpus["model_a"]),
+        params=ScreenParameters(shard_size=2, workers=0),  # several shards, one engine
+    )
+    assert summary["files_seen"] >= 6 and summary["predicted"] >= 4  # a real run
+    assert created == [url]
+
+    created.clear()
+    night = nightly(drop_folder=str(drop), model=str(corpus["model_a"]))
+    assert night["files_seen"] == 3  # two images and labels.csv: new to the watermark
+    assert created == [url]  # watermark read, the run, watermark written: one engine
