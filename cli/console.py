@@ -36,7 +36,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from flows.errors import UserError
@@ -182,13 +182,17 @@ class PipelineProgress:
     """
 
     def __init__(self, *, transient: bool = False, target: Console | None = None) -> None:
+        # Counts and times never wrap; on a narrow terminal the detail text gives way first.
         self.progress = Progress(
-            TextColumn("[bold]{task.description:<18}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[detail]}"),
-            TimeElapsedColumn(),
-            _TimeLeft(),
+            TextColumn("[bold]{task.description:<18}", table_column=Column(no_wrap=True)),
+            BarColumn(bar_width=20),
+            MofNCompleteColumn(table_column=Column(no_wrap=True)),
+            TextColumn(
+                "{task.fields[detail]}",
+                table_column=Column(no_wrap=True, overflow="ellipsis", min_width=8),
+            ),
+            TimeElapsedColumn(table_column=Column(no_wrap=True)),
+            _TimeLeft(table_column=Column(no_wrap=True)),
             console=target or err_console,
             transient=transient,
         )
