@@ -25,6 +25,7 @@ from sql.schema import (
     Instance,
     Model,
     Publication,
+    Run,
 )
 
 _RESULT_COLUMNS = (
@@ -110,6 +111,17 @@ def find_models(session: Session, *, name: str | None, version: str | None) -> l
     if version is not None:
         query = query.where(m.c.version == version)
     return list(session.execute(query).scalars())
+
+
+def run_model_id(session: Session, run_id: int) -> int:
+    """The model version a screening run used."""
+    runs = Run.__table__
+    model_id = session.execute(
+        sa.select(runs.c.model_id).where(runs.c.run_id == run_id)
+    ).scalar_one_or_none()
+    if model_id is None:
+        raise ValueError(f"run {run_id} is not in the results database or has no model")
+    return int(model_id)
 
 
 def record_publication(
