@@ -14,6 +14,7 @@ import pytest
 from pacs_support import synth_file
 from werkzeug import Request, Response
 
+from tasks.dicom.outcomes import InputError
 from tasks.dicom.pacs.common import (
     PacsAuthError,
     PacsProtocolError,
@@ -190,7 +191,8 @@ def client(fake: FakePacs, **fields) -> DicomWebClient:
 def run(fake: FakePacs, window: str = "2026-11-01..2026-11-30", **fields) -> tuple:
     retrieval = PacsRetrieval(client(fake, **fields), window=StudyWindow.parse(window))
     with retrieval:
-        files = list(retrieval)
+        retrieval.prepare()  # as a flow does before it writes anything
+        files = list(retrieval.files())
     return retrieval, {parse_source_uri(f.uri)[2].sop_uid: f for f in files}
 
 
@@ -282,7 +284,8 @@ def test_multipart_body_without_its_closing_boundary_is_retried_then_failed(fake
     _, files = run(fake)
     assert files[once].error is None and files[once].data == studies[0].instances[once]
     assert "cut short" in files[always].error and always in files[always].error
-    assert files[always].data is None  # a truncated file never reaches the decoder
+    with pytest.raises(InputError, match="cut short"):  # a truncated file never reaches
+        files[always].read_bytes()  # the decoder: its entry only carries the reason
 
 
 def test_connection_ending_inside_the_body_is_retried(fake):

@@ -54,8 +54,12 @@ def test_unreachable_pacs_is_one_line_naming_it(pacs):
         echo(entry)
     assert str(info.value).startswith("PACS 'test' (DICOMweb http://127.0.0.1:")
     assert "connection refused" in str(info.value) and "\n" not in str(info.value)
+    run = retrieval(entry, window=REAL_DAY)
     with pytest.raises(PacsUnreachable, match="unreachable: connection refused"):
-        list(retrieval(entry, window=REAL_DAY))
+        run.prepare()
+    # Without prepare(), the source keeps the seam's contract: one errored entry naming it.
+    (only,) = list(retrieval(entry, window=REAL_DAY).files())
+    assert only.uri == "dicomweb://test" and "unreachable: connection refused" in only.error
 
 
 def test_one_query_per_modality_and_series_filtered_by_modality_and_body_part(pacs, tmp_path):
@@ -207,3 +211,30 @@ def test_connections_retrieve_everything_once(pacs, tmp_path, connections):
     studies = [parse_source_uri(f.uri)[2].study_uid for f in files]
     assert all(studies[i : i + 3] == [studies[i]] * 3 for i in range(0, len(studies), 3))
     assert run.report.studies == 6 and run.report.studies_partial == 0
+
+
+def test_entries_are_input_files_the_header_scan_and_pixel_path_take(pacs, tmp_path):
+    import pickle
+
+    from model.spec import PreprocessSpec
+    from tasks.dicom.headers import read_header
+    from tasks.dicom.pixels import preprocess
+    from tasks.dicom.selection import select
+    from tasks.dicom.sources import InputFile, Source
+
+    f = synth_file(tmp_path, study=1, syntax="jpeg_ls")
+    pacs.upload_files([f.path, real_file("RG1_J2KR.dcm")])
+    for spool in (None, tmp_path / "spool"):
+        run = retrieval(
+            dicomweb_entry(pacs), window=StudyWindow.parse("2026-11-28"), spool_dir=spool
+        )
+        assert isinstance(run, Source) and run.uri == "dicomweb://test"
+        with run:
+            (src,) = list(run.files())
+            assert isinstance(src, InputFile)
+            header = read_header(pickle.loads(pickle.dumps(src)), b"k" * 32)
+            assert header.sop_instance_uid == f.sop_uid and select(header) is None
+            again = pickle.loads(pickle.dumps(src))  # as a spawn-context decode worker gets it
+            image = preprocess(again.read_bytes(), PreprocessSpec()).image
+            expected = preprocess(f.path.read_bytes(), PreprocessSpec()).image
+            assert (image == expected).all()

@@ -135,16 +135,17 @@ def test_unknown_calling_ae_title_is_refused_with_the_reason(pacs, move_port, tm
         pytest.raises(PacsError) as info,
         retrieval(entry, window=StudyWindow.parse("2026-11-28")) as run,
     ):
-        list(run)
+        run.prepare()
     assert "does it allow AE title 'STRANGER'" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_c_move_without_move_port_says_what_is_missing(pacs, move_port, tmp_path):
     pacs.upload_files([synth_file(tmp_path, study=1).path])
-    entry = with_overrides(dimse_entry(pacs, move_port), move_port=None)
+    entry = dimse_entry(pacs, move_port)
     entry = type(entry)(**{**entry.__dict__, "move_port": None})
-    with (
-        pytest.raises(PacsError, match="C-MOVE needs move_port"),
-        retrieval(entry, window=StudyWindow.parse("2026-11-28")) as run,
-    ):
-        list(run)
+    with retrieval(entry, window=StudyWindow.parse("2026-11-28")) as run:
+        run.prepare()  # C-FIND needs no port
+        (only,) = list(run.files())
+    assert only.uri == "dimse://test-dimse"
+    assert only.error.startswith("PACS 'test-dimse': C-MOVE needs move_port")
+    assert run.broken == only.error

@@ -1,9 +1,11 @@
-"""Query/retrieve as a source of the pipeline: PACS instances as ``SourceFile``s.
+"""Query/retrieve as a source of the pipeline (``tasks.dicom.sources.Source``).
 
-``pacs_sources(spec, config, window=...)`` returns a :class:`PacsRetrieval`: iterate it for
-``SourceFile``s (the same objects discovery yields for folders and archives, so the header
-scan, selection and pixel path take them unchanged), then read per study whether everything
-the PACS announced arrived.
+``pacs_sources(spec, config, window=...)`` returns a :class:`PacsRetrieval`, a ``Source``:
+``prepare()`` runs the study query (and raises ``PacsError`` with one line when the PACS is
+unreachable, refuses us or answers nonsense: nothing has been written yet, the run stops), then
+``files()`` yields the retrieved instances as input files (the header scan, selection and pixel
+path take them unchanged) and ``completeness[study_uid]`` says per study whether everything the
+PACS announced arrived.
 
 How a run goes:
 
@@ -11,23 +13,32 @@ How a run goes:
    ModalitiesInStudy is optional in the standard), merged by Study Instance UID. A page that is
    full (as many matches as the limit, the PACS's known cap, or a ``Warning`` header) means
    there may be more than the page shows: the date window is halved and each half queried
-   again, down to single days; within a day, DICOMweb pages with ``offset``, and a page that
-   brings nothing new (a server that ignores ``offset``) ends the paging with the day recorded
-   in ``report.truncated``, never an endless loop.
+   again, down to single days; within a day, DICOMweb asks for a page ten times larger and then
+   pages with ``offset``, and a page that brings nothing new (a server that ignores ``offset``)
+   ends the paging with the day recorded in ``report.truncated``, never an endless loop. The
+   study list (UIDs, dates, counts: ~200 bytes a study) is the one thing held for the run.
 2. **Series** of each study, kept when their Modality is wanted and their BodyPartExamined
    (when present) matches the policy's body parts; **instances** listed per kept series.
 3. **Retrieval** by ``connections`` workers (HTTP connections or DIMSE associations), with
-   retries and backoff inside the client; an instance that still fails becomes a *failed*
-   ``SourceFile`` whose reason names the PACS and the UID.
+   retries and backoff inside the client; an instance that still fails becomes an errored
+   entry (``ErroredFile``) whose reason names the PACS and the UID: a *failed* outcome.
 4. A study's files are yielded together, once all of them have arrived or failed, after its
-   :class:`StudyCompleteness` is final: ``retrieval.completeness[study_uid]`` says whether the
-   study is complete by count, and if not, why (the flow records the study as partial and pulls
-   it again next run).
+   :class:`StudyCompleteness` is final: ``completeness[study_uid]`` says whether the study is
+   complete by count, and if not, why (the flow records the study as partial and pulls it again
+   next run).
 
-Retrieved bytes travel inline in the ``SourceFile`` (``container="inline"``), or, with
-``spool_dir``, in a private folder (mode 0700, files 0600) from which ``release()`` deletes
-them once the flow has stored their shard; ``close()`` removes the folder and whatever is
-left in it.
+``files()`` follows the seam's contract: it never raises for one instance, and when the PACS
+is lost part-way (unreachable, credentials refused) it yields the files retrieved so far, then
+one errored entry named after the source (``dicomweb://main``), and stops; ``broken`` then
+holds the reason (a flow should not move its watermark past such a run).
+
+The bytes are fetched here, not in the decode workers (the seam allows an entry to carry its
+bytes "when fetching them again is impossible"): a C-MOVE can only be received by the one SCP
+the PACS knows, the header scan needs the bytes before the workers do (a worker fetching again
+would download every instance twice), and completeness is known when the study is yielded.
+They travel inline in the ``SourceFile`` (``container="inline"``), or, with ``spool_dir``, in
+a private folder (mode 0700, files 0600) from which ``release()`` deletes them once the flow has
+stored their shard; ``close()`` removes the folder and whatever is left in it.
 """
 
 from __future__ import annotations
@@ -62,6 +73,7 @@ from tasks.dicom.pacs.common import (
     source_uri,
 )
 from tasks.dicom.pacs.config import PacsConfig, PacsEntry
+from tasks.dicom.sources import ErroredFile, InputFile
 
 log = logging.getLogger(__name__)
 
@@ -229,11 +241,12 @@ class _Study:
     completeness: StudyCompleteness
     pending: int = 0
     listed: bool = False
-    files: list[SourceFile] = field(default_factory=list)
+    files: list[InputFile] = field(default_factory=list)
 
 
 class PacsRetrieval:
-    """One query/retrieve run against one PACS; iterate it (once) for ``SourceFile``s.
+    """One query/retrieve run against one PACS, as a ``Source``: ``prepare()``, then
+    ``files()`` (once).
 
     window / study_uids: which studies (a study-date window, and/or explicit Study Instance
         UIDs, e.g. the studies that were partial last run).
@@ -270,6 +283,8 @@ class PacsRetrieval:
         self.max_consecutive_failures = max_consecutive_failures or max(8, 2 * self.connections)
         self.completeness: dict[str, StudyCompleteness] = {}
         self.report = RetrievalReport(self.name)
+        self.broken: str | None = None  # why the run stopped part-way, if it did
+        self._studies: list[StudyMatch] | None = None
         self._spool: Path | None = None
         if spool_dir is not None:
             Path(spool_dir).mkdir(parents=True, exist_ok=True)
@@ -280,8 +295,23 @@ class PacsRetrieval:
 
     # --- public ------------------------------------------------------------------------------
 
-    def studies(self) -> list[StudyMatch]:
-        """The studies this run retrieves (queries the PACS)."""
+    @property
+    def uri(self) -> str:
+        """Names the source: ``dicomweb://main`` or ``dimse://archive``."""
+        return f"{self.client.scheme}://{self.name}"
+
+    def prepare(self) -> list[StudyMatch]:
+        """Run the study query now; ``PacsError`` (one line) when the PACS cannot be used.
+
+        Call it before anything is written: a PACS that is down or refuses us then stops the
+        run with that line instead of recording one failed entry."""
+        if self._studies is None:
+            self._studies = self._query_studies()
+            self.report.studies = len(self._studies)
+            log.info("PACS %r: %d studies to retrieve", self.name, len(self._studies))
+        return self._studies
+
+    def _query_studies(self) -> list[StudyMatch]:
         found = []
         if self.window is not None:
             found = find_studies(self.client, self.window, self.modalities, self.report)
@@ -298,26 +328,36 @@ class PacsRetrieval:
     def partial_studies(self) -> list[StudyCompleteness]:
         return [c for c in self.completeness.values() if not c.complete]
 
-    def __iter__(self) -> Iterator[SourceFile]:
+    def files(self) -> Iterator[InputFile]:
+        """The retrieved instances, study by study; never raises a ``PacsError``: a PACS lost
+        part-way ends the listing with one errored entry naming the source."""
         if self._started:
             raise RuntimeError("a PacsRetrieval is iterated once")
         self._started = True
         started = time.perf_counter()
         try:
             yield from self._run()
+        except PacsError as exc:
+            self.broken = str(exc)
+            log.warning("PACS %r: retrieval stopped: %s", self.name, exc)
+            yield ErroredFile(self.uri, str(exc))
         finally:
             self.report.seconds = time.perf_counter() - started
             self.report.studies_partial = len(self.partial_studies())
             self.report.studies_complete = len(self.completeness) - self.report.studies_partial
 
-    def release(self, files: Iterable[SourceFile]) -> None:
+    def __iter__(self) -> Iterator[InputFile]:
+        return self.files()
+
+    def release(self, files: Iterable[InputFile]) -> None:
         """Delete the spooled copies of ``files`` (their shard is stored)."""
         if self._spool is None:
             return
         for src in files:
-            if src.container == "file" and src.path and Path(src.path).parent == self._spool:
+            path = getattr(src, "path", "")
+            if isinstance(src, SourceFile) and path and Path(path).parent == self._spool:
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(src.path)
+                    os.unlink(path)
 
     def close(self) -> None:
         """Remove the spool folder and close the PACS connections."""
@@ -333,10 +373,8 @@ class PacsRetrieval:
 
     # --- the run -----------------------------------------------------------------------------
 
-    def _run(self) -> Iterator[SourceFile]:
-        studies = self.studies()
-        self.report.studies = len(studies)
-        log.info("PACS %r: %d studies to retrieve", self.name, len(studies))
+    def _run(self) -> Iterator[InputFile]:
+        studies = self.prepare()
         max_inflight = 2 * self.connections
         inflight: dict[cf.Future, tuple[str, list[InstanceRef]]] = {}
         states: dict[str, _Study] = {}
@@ -397,13 +435,13 @@ class PacsRetrieval:
             if refs:
                 yield series, refs
 
-    def _retrieve(self, unit: list[InstanceRef]) -> list[tuple[InstanceRef, SourceFile, int]]:
+    def _retrieve(self, unit: list[InstanceRef]) -> list[tuple[InstanceRef, InputFile, int]]:
         """In a worker thread: retrieve a unit; store each instance (spool or inline)."""
-        out = []
+        out: list[tuple[InstanceRef, InputFile, int]] = []
         for ref, result in self.client.retrieve(unit):
             uri = source_uri(self.client.scheme, self.name, ref)  # type: ignore[arg-type]
             if isinstance(result, InstanceFailure):
-                out.append((ref, SourceFile(uri=uri, path="", error=str(result)), -1))
+                out.append((ref, ErroredFile(uri, str(result)), -1))
             else:
                 out.append((ref, self._keep(uri, ref, result), len(result)))
         return out
@@ -423,7 +461,7 @@ class PacsRetrieval:
         inflight: dict[cf.Future, tuple[str, list[InstanceRef]]],
         states: dict[str, _Study],
         block: bool,
-    ) -> Iterator[SourceFile]:
+    ) -> Iterator[InputFile]:
         if not inflight:
             return
         done, _ = cf.wait(
@@ -455,7 +493,7 @@ class PacsRetrieval:
                 )
             yield from self._finish_if_done(study_uid, states)
 
-    def _finish_if_done(self, study_uid: str, states: dict[str, _Study]) -> Iterator[SourceFile]:
+    def _finish_if_done(self, study_uid: str, states: dict[str, _Study]) -> Iterator[InputFile]:
         state = states[study_uid]
         if not state.listed or state.pending:
             return
