@@ -29,6 +29,22 @@ def configure_logging() -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
+def start_receiver(drop_folder: str, port: int, ae_title: str):
+    """A receiver started on ``port`` for ``serve --listen-port``; a setting or a port that
+    cannot be used ends the command with one line."""
+    from tasks.dicom.pacs.receiver import Receiver, ReceiverConfig, ReceiverError
+
+    configure_logging()
+    try:
+        receiver = Receiver(
+            ReceiverConfig(drop_folder=Path(drop_folder), ae_title=ae_title, port=port)
+        )
+        receiver.start()
+    except ReceiverError as exc:
+        _fail(str(exc))
+    return receiver
+
+
 def run_until_stopped(receiver, stop: threading.Event) -> None:
     """Start ``receiver``, log a summary each minute something arrived, stop on ``stop``."""
     log = logging.getLogger("cxr_screen.listen")

@@ -101,6 +101,28 @@ def write_back(pacs: str, database_url: str | None, run_id: int) -> dict[str, An
     return publish(pacs, database_url, model_ids=[model_id])
 
 
+def check_write_back(pacs: str | None) -> None:
+    """``--write-back PACS`` of screen/nightly: the PACS must be configured before the run."""
+    if pacs:
+        from cli.pacs import resolve
+
+        resolve(pacs)
+
+
+def report_run(
+    summary: dict[str, Any], pacs: str | None, database_url: str | None, as_json: bool
+) -> None:
+    """A screening run's summary, after publishing its model's unpublished results to ``pacs``
+    when ``--write-back`` was given (its summary under ``write_back`` in the JSON)."""
+    from cli.console import print_summary
+
+    if pacs:
+        summary = {**summary, "write_back": write_back(pacs, database_url, summary["run_id"])}
+    print_summary(summary, as_json)
+    if pacs and not as_json:
+        print_publish_summary(summary["write_back"])
+
+
 def print_publish_summary(summary: dict[str, Any], as_json: bool = False) -> None:
     if as_json:
         sys.stdout.write(json.dumps(summary, sort_keys=True) + "\n")

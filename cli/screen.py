@@ -14,7 +14,8 @@ from typing import Annotated
 
 import typer
 
-from cli.console import exit_on_error, print_summary, run_with_progress
+from cli.console import exit_on_error, run_with_progress
+from cli.publish import check_write_back, report_run
 from cli.server import prefect_ready
 
 WORKERS_HELP = (
@@ -23,6 +24,7 @@ WORKERS_HELP = (
 )
 DB_HELP = "Database URL (default: settings)"
 JSON_HELP = "Print the run summary as one JSON object"
+WRITE_BACK_HELP = "Then send this model's unpublished results to this PACS as DICOM SRs"
 
 
 def screen_command(
@@ -41,8 +43,10 @@ def screen_command(
     full_decode: Annotated[bool, typer.Option(help="Never decode at reduced resolution")] = False,
     kind: Annotated[str, typer.Option(help="Run kind recorded with the run")] = "reprocess",
     as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    write_back: Annotated[str | None, typer.Option("--write-back", help=WRITE_BACK_HELP)] = None,
 ) -> None:
     """Screen DICOM sources with a model version and write the results to the database."""
+    check_write_back(write_back)
     database_via_settings(db)
     with exit_on_error(), prefect_ready():
         from flows.parameters import ScreenParameters
@@ -61,7 +65,7 @@ def screen_command(
             kind=kind,
         ),
     )
-    print_summary(summary, as_json)
+    report_run(summary, write_back, db, as_json)
 
 
 def nightly_command(
@@ -72,8 +76,10 @@ def nightly_command(
     db: Annotated[str | None, typer.Option("--db", help=DB_HELP)] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
     as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    write_back: Annotated[str | None, typer.Option("--write-back", help=WRITE_BACK_HELP)] = None,
 ) -> None:
     """Run the nightly job once now: files that arrived since the last successful night."""
+    check_write_back(write_back)
     database_via_settings(db)
     with exit_on_error(), prefect_ready():
         from flows.screen import nightly
@@ -83,7 +89,7 @@ def nightly_command(
         model=str(model) if model else None,
         device=device,
     )
-    print_summary(summary, as_json)
+    report_run(summary, write_back, db, as_json)
 
 
 def database_via_settings(db: str | None) -> None:

@@ -342,8 +342,13 @@ def serve(
     port: int | None = None,
     limit: int | None = 2,
     startup_timeout: float = 180.0,
+    listen_port: int | None = None,
+    listen_ae: str = "CXRSCREEN",
 ) -> None:
     """Serve the nightly, reprocess and train deployments until Ctrl-C or SIGTERM.
+
+    ``listen_port``: also run the C-STORE receiver (``cxr-screen listen``) on that port, as
+    ``listen_ae``, writing into the drop folder the nightly run reads.
 
     Starts a local Prefect server first when ``PREFECT_API_URL`` is not configured. ``limit``
     caps the flow runs executing at once; the nightly deployment never overlaps itself.
@@ -369,7 +374,12 @@ def serve(
     previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     server: LocalPrefectServer | None = None
     runner: subprocess.Popen | None = None
+    receiver = None
     try:
+        if listen_port is not None:
+            from cli.listen import start_receiver
+
+            receiver = start_receiver(spec["drop_folder"], listen_port, listen_ae)
         api_url, server = _prefect_api(settings, port, startup_timeout)
         runner = _start_runner(api_url, settings.database_url, spec)
         _watch(runner, server)
@@ -378,6 +388,8 @@ def serve(
     finally:
         try:
             _shut_down(runner, server)
+            if receiver is not None:
+                receiver.stop()
         finally:
             signal.signal(signal.SIGTERM, previous_sigterm)
     say("Stopped.")
@@ -419,6 +431,15 @@ def serve_command(
         typer.Option("--port", help="Port of the local Prefect server (default: a free one)"),
     ] = None,
     limit: Annotated[int, typer.Option("--limit", help="Flow runs executing at once")] = 2,
+    listen_port: Annotated[
+        int | None,
+        typer.Option(
+            "--listen-port", help="Also receive C-STORE pushes on this port into the drop folder"
+        ),
+    ] = None,
+    listen_ae: Annotated[
+        str, typer.Option("--listen-ae", help="The receiver's AE title")
+    ] = "CXRSCREEN",
 ) -> None:
     """Run the nightly schedule (and on-demand reprocess/train) with a local Prefect server."""
     with exit_on_error():
@@ -431,6 +452,8 @@ def serve_command(
             database_url=db,
             port=port,
             limit=limit,
+            listen_port=listen_port,
+            listen_ae=listen_ae,
         )
 
 

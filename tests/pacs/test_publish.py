@@ -442,29 +442,39 @@ def test_comprehensive_sr_fallback_and_a_stow_with_content_length(httpserver, co
 # --- the command line, on PostgreSQL ------------------------------------------------------------
 
 
-def test_publish_command_on_postgresql(pacs, corpus, pg_url, tmp_path):
+def test_screen_write_back_then_the_publish_command_on_postgresql(pacs, corpus, pg_url, tmp_path):
     pacs.upload_files(f.path for f in corpus.files)
-    summary = screen(corpus.folder, corpus.model_a, pg_url, tmp_path / "home")
-    assert summary["predicted"] == len(corpus.files)
     env = {
+        "CXR_SCREEN_HOME": str(tmp_path / "home"),
         "CXR_SCREEN_PACS__ORTHANC__URL": pacs.dicomweb_url,
         "CXR_SCREEN_PACS__ORTHANC__USERNAME": pacs.username,
         "CXR_SCREEN_PACS__ORTHANC__PASSWORD": pacs.password,
     }
-    done = cli("publish", "--pacs", "orthanc", "--db", pg_url, "--json", env=env, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
-    assert (out["considered"], out["sent"], out["failed"]) == (3, 3, 0)
+    done = cli(
+        "screen", str(corpus.folder), "--model", str(corpus.model_a), "--db", pg_url,
+        "--workers", "0", "--device", "cpu", "--json", "--write-back", "orthanc",
+        env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["predicted"] == len(corpus.files)
+    written = summary["write_back"]
+    assert (written["considered"], written["sent"], written["failed"]) == (3, 3, 0)
     assert pacs.password not in done.stdout + done.stderr
     assert unpublished(pg_url) == []
+    assert pacs.count_instances() == len(corpus.files) + 3
+
     again = cli("publish", "--pacs", "orthanc", "--db", pg_url, "--json", env=env, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["considered"] == 0
     table = cli("publish", "--pacs", "orthanc", "--db", pg_url, "--all", env=env, cwd=tmp_path)
     assert table.returncode == 0 and "3 sent, 0 failed" in table.stdout
-    assert pacs.count_instances() == len(corpus.files) + 3
+    assert pacs.count_instances() == len(corpus.files) + 3  # replaced, not added
 
     env["CXR_SCREEN_PACS__ORTHANC__PASSWORD"] = "not-the-password-42"
     refused = cli("publish", "--pacs", "orthanc", "--db", pg_url, "--all", env=env, cwd=tmp_path)
     assert refused.returncode == 2
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and "401" in lines[0] and "not-the-password-42" not in refused.stderr
+    unknown = cli("screen", str(corpus.folder), "--write-back", "nowhere", env=env, cwd=tmp_path)
+    assert unknown.returncode == 2 and "no PACS named 'nowhere'" in unknown.stderr

@@ -527,3 +527,59 @@ def test_storescu_x4_to_listen_to_nightly_predicts_1000_instances_exactly_once(
         f"\n[timing] generate {t1 - t0:.1f} s, 4 x storescu 1000 instances {t2 - t1:.1f} s "
         f"({1000 / (t2 - t1):.0f}/s), nightly {t3 - t2:.1f} s"
     )
+
+
+def test_serve_runs_the_receiver_beside_the_schedule(tmp_path, sqlite_url):
+    """`cxr-screen serve --listen-port`: pushes land in the drop folder the schedule reads;
+    SIGTERM stops both cleanly."""
+    _require_dcmtk()
+    src, drop = tmp_path / "src", tmp_path / "drop"
+    drop.mkdir()
+    records = write_images(src, 3, seed=51)
+    model = make_model(tmp_path / "model.pt", "serve-1", 0, name="serve")
+    port = free_port()
+    env = {
+        **os.environ,
+        "CXR_SCREEN_HOME": str(tmp_path / "home"),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+    }
+    env.pop("PREFECT_API_URL", None)
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(
+        [
+            CXR_SCREEN,
+            "serve",
+            "--drop-folder",
+            str(drop),
+            "--model",
+            str(model),
+            "--db",
+            sqlite_url,
+            "--listen-port",
+            str(port),
+            "--interval",
+            "3600",
+        ],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run(
+            ["echoscu", "-aec", "CXRSCREEN", "127.0.0.1", str(port)], capture_output=True
+        ).returncode:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.3)
+        done = storescu(port, [Path(r["path"]) for r in records])
+        assert responses(done.stdout + done.stderr) == ["Success"] * 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert {p.name for p in visible_files(drop)} == {
+        Path(rx.instance_file_name(r["sop_instance_uid"])).name for r in records
+    }
+    assert "stopped; totals: stored 3" in log.read_text()
