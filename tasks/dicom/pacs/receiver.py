@@ -13,6 +13,9 @@ Killing the receiver at any point therefore loses no acknowledged instance, and 
 partial file under a final name (a leftover temporary file is removed at the next start). A
 sender that got no answer sends the instance again; the same SOP Instance UID gets the same
 file name and the rename replaces the earlier copy.
+The rename also sets the file's change time (ctime) on Linux file systems, which is what the
+nightly run's watermark compares: a file completed after a nightly scan started is picked up
+by the next one, never skipped.
 
 File names are the SHA-256 of the SOP Instance UID (``<drop>/<2 hex>/<64 hex>.dcm``, 256
 sub-folders so no folder grows without bound): never patient data, the same instance always
