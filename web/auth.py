@@ -198,14 +198,19 @@ class Revoked:
 
 
 class LoginThrottle:
-    """After ``limit`` failed logins for a name (or from an address) within ``window_s``,
-    further attempts are refused until the window has passed."""
+    """After ``limit`` failed logins for one name within ``window_s`` (or ``address_limit``
+    from one address: many users may share a proxy or a reading-room workstation), further
+    attempts are refused until the window has passed."""
 
-    def __init__(self, limit: int = 5, window_s: float = 300.0) -> None:
+    def __init__(self, limit: int = 5, address_limit: int = 30, window_s: float = 300.0) -> None:
         self.limit = limit
+        self.address_limit = address_limit
         self.window_s = window_s
         self._fails: dict[str, list[float]] = {}
         self._lock = threading.Lock()
+
+    def _limit(self, key: str) -> int:
+        return self.address_limit if key.startswith("addr:") else self.limit
 
     def _recent(self, key: str, now: float) -> list[float]:
         times = [t for t in self._fails.get(key, []) if now - t < self.window_s]
@@ -215,7 +220,7 @@ class LoginThrottle:
     def blocked(self, *keys: str) -> bool:
         now = time.monotonic()
         with self._lock:
-            return any(len(self._recent(k, now)) >= self.limit for k in keys)
+            return any(len(self._recent(k, now)) >= self._limit(k) for k in keys)
 
     def failed(self, *keys: str) -> None:
         now = time.monotonic()

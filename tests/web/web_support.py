@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pydicom
 import sqlalchemy as sa
@@ -107,7 +108,7 @@ def cli_env(home: Path) -> dict[str, str]:
 def screen(tree: Path, model: Path, url: str, home: Path) -> dict[str, Any]:
     """A real `cxr-screen screen` run (its own temporary Prefect server)."""
     proc = subprocess.run(
-        [CLI, "screen", str(tree), "--model", str(model), "--db", url, "--json", "--workers", "1"],
+        [CLI, "screen", str(tree), "--model", str(model), "--db", url, "--json", "--workers", "0"],
         env=cli_env(home),
         capture_output=True,
         text=True,
@@ -293,6 +294,17 @@ def csrf_of(html: str) -> str:
     match = re.search(r'name="csrf_token" value="([^"]+)"', html)
     assert match, "no CSRF token in the page"
     return match[1]
+
+
+def signed_in(base_url: str, user: str = REVIEWER) -> httpx.Client:
+    client = httpx.Client(base_url=base_url, follow_redirects=False, timeout=30)
+    token = csrf_of(client.get("/login").text)
+    answer = client.post(
+        "/login",
+        data={"username": user, "password": PASSWORD, "csrf_token": token, "next": "/worklist"},
+    )
+    assert answer.status_code == 303 and answer.headers["location"] == "/worklist"
+    return client
 
 
 def rows(url: str, sql: str, **params) -> list[dict[str, Any]]:
