@@ -26,6 +26,7 @@ file only in the file meta header.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -182,6 +183,7 @@ class DimseClient:
             kwargs["tls_args"] = (context, self.entry.host)
         assoc = ae.associate(self.entry.host, self.entry.port, **kwargs)
         if assoc.is_established:
+            _no_delay(assoc)
             return assoc
         if assoc.is_rejected:
             primitive = assoc.acceptor.primitive
@@ -515,6 +517,16 @@ class DimseClient:
             return self._scp.inbox
 
 
+def _no_delay(assoc) -> None:
+    """TCP_NODELAY on an association's socket. pynetdicom writes a message's command and data
+    set as separate PDUs; with Nagle's algorithm on, the second waits for the peer's delayed
+    ACK (~40 ms on Linux): a C-FIND took 50-90 ms on loopback instead of ~2 ms."""
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class _Transient(Exception):
     def __init__(self, reason: str, network: bool = False) -> None:
         super().__init__(reason)
@@ -591,7 +603,10 @@ class _MoveDestination:
             self._server = ae.start_server(
                 (entry.move_bind, entry.move_port),
                 block=False,
-                evt_handlers=[(evt.EVT_C_STORE, self.inbox.on_store)],
+                evt_handlers=[
+                    (evt.EVT_C_STORE, self.inbox.on_store),
+                    (evt.EVT_CONN_OPEN, lambda event: _no_delay(event.assoc)),
+                ],
             )
         except OSError as exc:
             raise PacsError(

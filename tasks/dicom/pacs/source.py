@@ -51,6 +51,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -374,53 +375,60 @@ class PacsRetrieval:
     # --- the run -----------------------------------------------------------------------------
 
     def _run(self) -> Iterator[InputFile]:
-        studies = self.prepare()
+        """Listings and retrievals share ``connections`` worker threads; queued retrievals go
+        before the next study's listing, so studies finish (and memory is freed) in turn."""
+        studies = iter(self.prepare())
         max_inflight = 2 * self.connections
-        inflight: dict[cf.Future, tuple[str, list[InstanceRef]]] = {}
+        inflight: dict[cf.Future, tuple[str, str]] = {}  # future -> (kind, study UID)
+        queued: deque[tuple[str, list[InstanceRef]]] = deque()
         states: dict[str, _Study] = {}
         with cf.ThreadPoolExecutor(self.connections, thread_name_prefix="pacs") as pool:
             try:
-                for study in studies:
-                    state = _Study(StudyCompleteness(self.name, study.study_uid))
-                    states[study.study_uid] = state
-                    self.completeness[study.study_uid] = state.completeness
-                    for series, refs in self._listing(study.study_uid, state):
-                        for unit in self.client.work_units(series, refs):
-                            while len(inflight) >= max_inflight:
-                                yield from self._drain(inflight, states, block=True)
-                            inflight[pool.submit(self._retrieve, unit)] = (study.study_uid, unit)
-                            state.pending += 1
-                    state.listed = True
-                    yield from self._finish_if_done(study.study_uid, states)
-                    yield from self._drain(inflight, states, block=False)
-                while inflight:
-                    yield from self._drain(inflight, states, block=True)
+                while True:
+                    while len(inflight) < max_inflight:
+                        if queued:
+                            study_uid, unit = queued.popleft()
+                            future = pool.submit(self._retrieve, unit)
+                            inflight[future] = ("unit", study_uid)
+                            continue
+                        study = next(studies, None)
+                        if study is None:
+                            break
+                        states[study.study_uid] = _Study(
+                            StudyCompleteness(self.name, study.study_uid)
+                        )
+                        self.completeness[study.study_uid] = states[study.study_uid].completeness
+                        future = pool.submit(self._list_study, study.study_uid)
+                        inflight[future] = ("list", study.study_uid)
+                    if not inflight:
+                        break
+                    yield from self._drain(inflight, queued, states)
             finally:
                 for future in inflight:
                     future.cancel()
 
-    def _listing(
-        self, study_uid: str, state: _Study
-    ) -> Iterator[tuple[SeriesMatch, list[InstanceRef]]]:
-        """The kept series of a study with their instances; a listing that fails makes the
-        study partial (with the reason) unless the PACS is unreachable or refuses us."""
-        counts = state.completeness
+    def _list_study(
+        self, study_uid: str
+    ) -> tuple[StudyCompleteness, list[tuple[SeriesMatch, list[InstanceRef]]]]:
+        """In a worker thread: the kept series of a study with their instances. A listing that
+        fails makes the study partial (with the reason) unless the PACS is unreachable or
+        refuses us, which stops the run."""
+        counts = StudyCompleteness(self.name, study_uid)
+        listed: list[tuple[SeriesMatch, list[InstanceRef]]] = []
         try:
             series_list = self.client.find_series(study_uid)
         except (PacsUnreachable, PacsAuthError):
             raise
         except PacsError as exc:
             counts.errors.append(str(exc))
-            return
+            return counts, listed
         for series in series_list:
             modality = (series.modality or "").upper()
             if modality not in self.modalities or not body_part_wanted(
                 series.body_part, self.body_parts
             ):
                 counts.series_filtered += 1
-                self.report.series_filtered += 1
                 continue
-            self.report.series_selected += 1
             count = SeriesCount(series.series_uid, series.announced)
             counts.series[series.series_uid] = count
             try:
@@ -431,9 +439,9 @@ class PacsRetrieval:
                 counts.errors.append(str(exc))
                 continue
             count.listed = len(refs)
-            self.report.instances_listed += len(refs)
             if refs:
-                yield series, refs
+                listed.append((series, refs))
+        return counts, listed
 
     def _retrieve(self, unit: list[InstanceRef]) -> list[tuple[InstanceRef, InputFile, int]]:
         """In a worker thread: retrieve a unit; store each instance (spool or inline)."""
@@ -458,20 +466,29 @@ class PacsRetrieval:
 
     def _drain(
         self,
-        inflight: dict[cf.Future, tuple[str, list[InstanceRef]]],
+        inflight: dict[cf.Future, tuple[str, str]],
+        queued: deque[tuple[str, list[InstanceRef]]],
         states: dict[str, _Study],
-        block: bool,
     ) -> Iterator[InputFile]:
-        if not inflight:
-            return
-        done, _ = cf.wait(
-            list(inflight), timeout=None if block else 0, return_when=cf.FIRST_COMPLETED
-        )
+        done, _ = cf.wait(list(inflight), return_when=cf.FIRST_COMPLETED)
         for future in done:
-            study_uid, _unit = inflight.pop(future)
+            kind, study_uid = inflight.pop(future)
             state = states[study_uid]
+            if kind == "list":
+                counts, listed = future.result()  # PacsAuthError / PacsUnreachable stop the run
+                state.completeness = self.completeness[study_uid] = counts
+                state.listed = True
+                self.report.series_filtered += counts.series_filtered
+                self.report.series_selected += len(counts.series)
+                for series, refs in listed:
+                    self.report.instances_listed += len(refs)
+                    for unit in self.client.work_units(series, refs):
+                        queued.append((study_uid, unit))
+                        state.pending += 1
+                yield from self._finish_if_done(study_uid, states)
+                continue
             state.pending -= 1
-            results = future.result()  # PacsAuthError / PacsUnreachable stop the run
+            results = future.result()
             for ref, src, size in results:
                 count = state.completeness.series.get(ref.series_uid)
                 if size < 0:
