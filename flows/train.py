@@ -68,19 +68,8 @@ def train(data: str, out: str, params: TrainParameters = DEFAULT_TRAIN) -> dict[
     out = str(Path(out))
     # the data set is decoded before training starts: every core decodes
     workers = available_cores() if settings.workers is None else settings.workers
-    run = {
-        "started_at": started_at,
-        "parameters": {
-            "data": data,
-            "out": out,
-            **params.model_dump(exclude={"notes", "selection"}),
-            "device": settings.device,
-            "workers": workers,
-        },
-        "selection_policy": policy.to_dict(),
-        "source": data,
-        "prefect_flow_run_id": str(flow_run.id) if flow_run.id else None,
-    }
+    run = _run_record(data, out, params, policy, device=settings.device, workers=workers)
+    run["started_at"] = started_at
     with database(settings.database_url) as engine:
         t.check_database(engine, params.name, params.version)
         report("train-start", epochs=params.epochs, data=data)
@@ -101,23 +90,12 @@ def train(data: str, out: str, params: TrainParameters = DEFAULT_TRAIN) -> dict[
                 ),
             )
             _log_dataset(dataset.report)
-            config = TrainConfig(
-                epochs=params.epochs,
-                batch_size=params.batch_size,
-                lr=params.lr,
-                patience=params.patience,
-                target_sensitivity=params.target_sensitivity,
-                augment=params.augment,
-                seed=params.seed,
-                device=settings.device,
-                positive_index=dataset.class_names.index(dataset.positive_class),
-            )
             arch_kwargs = {"num_classes": len(dataset.class_names)}
             result = t.fit(
                 params.architecture,
                 arch_kwargs,
                 dataset,
-                config,
+                _config(params, settings.device, dataset),
                 on_epoch=lambda row: report("train-epoch", epochs=params.epochs, **row),
             )
             checkpoint = make_checkpoint(
@@ -138,21 +116,58 @@ def train(data: str, out: str, params: TrainParameters = DEFAULT_TRAIN) -> dict[
         except BaseException as exc:
             _record_failure(engine, run, dataset, exc)
             raise
-    create_markdown_artifact(
-        evaluation_markdown(checkpoint, dataset, result),
-        key="train-evaluation",
-        description=f"Validation report of {params.name} {checkpoint.version} (run {run_id})",
-    )
-    create_table_artifact(
-        history_rows(result),
-        key="train-history",
-        description=f"Per-epoch history of {params.name} {checkpoint.version}",
-    )
+    _publish(checkpoint, dataset, result, run_id)
     summary = training_summary(
         checkpoint, dataset, result, out=out, sha256=sha256, model_id=model_id, run_id=run_id
     )
     report("train-done", **summary)
     return summary
+
+
+def _run_record(
+    data: str, out: str, params: TrainParameters, policy: SelectionPolicy, **resolved: Any
+) -> dict[str, Any]:
+    """The ``train`` run's record (``training_run.record_training``'s keywords but the
+    counts): its parameters with the settings resolved, selection policy, source."""
+    return {
+        "parameters": {
+            "data": data,
+            "out": out,
+            **params.model_dump(exclude={"notes", "selection"}),
+            **resolved,
+        },
+        "selection_policy": policy.to_dict(),
+        "source": data,
+        "prefect_flow_run_id": str(flow_run.id) if flow_run.id else None,
+    }
+
+
+def _config(params: TrainParameters, device: str, dataset: TrainingData) -> TrainConfig:
+    return TrainConfig(
+        epochs=params.epochs,
+        batch_size=params.batch_size,
+        lr=params.lr,
+        patience=params.patience,
+        target_sensitivity=params.target_sensitivity,
+        augment=params.augment,
+        seed=params.seed,
+        device=device,
+        positive_index=dataset.class_names.index(dataset.positive_class),
+    )
+
+
+def _publish(checkpoint, dataset: TrainingData, result, run_id: int) -> None:
+    """The evaluation report and the per-epoch history, as the run's artifacts."""
+    create_markdown_artifact(
+        evaluation_markdown(checkpoint, dataset, result),
+        key="train-evaluation",
+        description=f"Validation report of {checkpoint.name} {checkpoint.version} (run {run_id})",
+    )
+    create_table_artifact(
+        history_rows(result),
+        key="train-history",
+        description=f"Per-epoch history of {checkpoint.name} {checkpoint.version}",
+    )
 
 
 def _check(data: str, out: str, params: TrainParameters) -> SelectionPolicy:

@@ -299,9 +299,36 @@ def build_training_data(
         val_fraction=val_fraction,
     )
     index = {name: i for i, name in enumerate(class_names)}
+    selected = _scan(sources, index, report, hmac_key, policy, limits, on_progress)
+    full = _decode(selected, spec, report, workers, reduced, on_progress)
+    report.per_class = full.class_counts(class_names)
+    empty = [name for name, n in report.per_class.items() if n == 0]
+    if empty:
+        raise TrainingDataError(
+            f"no usable image of class(es) {', '.join(map(repr, empty))} in {str(data)!r} "
+            f"({report.files_seen} files seen, {report.skipped} skipped, {report.failed} failed; "
+            f"top reason: {_top_reason(report)})"
+        )
+    train, validation = _split(full, report, val_fraction, seed)
+    return TrainingData(train, validation, report, spec)
 
-    # 1. header scan + selection, exactly as a screening run does it
-    by_uid: dict[str, list[tuple[ScanItem, InstanceHeader, int]]] = {}
+
+Selected = list[tuple[ScanItem, InstanceHeader, int]]
+"""The files to decode: each with its header and its class index."""
+
+
+def _scan(
+    sources: list[LabelledSource],
+    index: dict[str, int],
+    report: DatasetReport,
+    hmac_key: bytes,
+    policy: SelectionPolicy,
+    limits: ArchiveLimits,
+    on_progress: Progress | None,
+) -> Selected:
+    """Step 1: header scan + selection, exactly as a screening run does it; one copy of each
+    image (none of an image filed under two classes: its label is unknown)."""
+    by_uid: dict[str, Selected] = {}
     for source in sources:
         for src in discover([source.path], limits):
             item = scan_file(src, policy, hmac_key)
@@ -315,8 +342,7 @@ def build_training_data(
                 by_uid.setdefault(uid, []).append((item, item.header, index[source.label]))
             if on_progress:
                 on_progress("scan", report.files_seen, None)
-    # The same image twice: one copy is used; under two classes: none (its label is unknown).
-    selected: list[tuple[ScanItem, InstanceHeader, int]] = []
+    selected: Selected = []
     for copies in by_uid.values():
         if len({label for _, _, label in copies}) > 1:
             for _ in copies:
@@ -325,8 +351,19 @@ def build_training_data(
         selected.append(copies[0])
         for _ in copies[1:]:
             _count(report, Outcome.SKIPPED, DUPLICATE_REASON)
+    return selected
 
-    # 2. decode + preprocess in the decode workers (the screening run's pool)
+
+def _decode(
+    selected: Selected,
+    spec: PreprocessSpec,
+    report: DatasetReport,
+    workers: int,
+    reduced: bool,
+    on_progress: Progress | None,
+) -> ImageDataset:
+    """Step 2: decode + preprocess in the decode workers (the screening run's pool); the
+    images that decoded, with their labels, studies and patient groups."""
     compact = len(set(spec.mean)) == 1 and len(set(spec.std)) == 1
     stored = 1 if compact else spec.channels
     images = torch.empty((len(selected), stored, spec.input_size, spec.input_size))
@@ -350,26 +387,20 @@ def build_training_data(
                 report.used += 1
             if on_progress:
                 on_progress("decode", n, len(selected))
-    images = images[: len(labels)]
-
-    report.per_class = {name: labels.count(i) for i, name in enumerate(class_names)}
-    empty = [name for name, n in report.per_class.items() if n == 0]
-    if empty:
-        raise TrainingDataError(
-            f"no usable image of class(es) {', '.join(map(repr, empty))} in {str(data)!r} "
-            f"({report.files_seen} files seen, {report.skipped} skipped, {report.failed} failed; "
-            f"top reason: {_top_reason(report)})"
-        )
-
-    # 3. split by group (study + patient), stratified, seeded
+    labelled = torch.tensor(labels, dtype=torch.long)
     groups = group_ids(studies, patients)
-    full = ImageDataset(images, torch.tensor(labels, dtype=torch.long), spec.channels, studies)
-    full.groups = groups
-    train_idx, val_idx = split_groups(groups, labels, val_fraction, seed)
+    return ImageDataset(images[: len(labels)], labelled, spec.channels, studies, groups)
+
+
+def _split(
+    full: ImageDataset, report: DatasetReport, val_fraction: float, seed: int
+) -> tuple[ImageDataset, ImageDataset]:
+    """Step 3: split by group (study + patient), stratified, seeded; every class on both
+    sides or a ``TrainingDataError`` that says why not."""
+    train_idx, val_idx = split_groups(full.groups, full.labels.tolist(), val_fraction, seed)
     train, validation = full.subset(train_idx), full.subset(val_idx)
-    del full, images
     for split_name, part in (("train", train), ("validation", validation)):
-        report.per_split[split_name] = part.class_counts(class_names)
+        report.per_split[split_name] = part.class_counts(report.class_names)
         report.studies_per_split[split_name] = len(set(part.studies))
     missing = [
         f"{split_name} has no {name!r} image"
@@ -384,7 +415,7 @@ def build_training_data(
             f"studies (per class: {report.per_class}, studies per split: "
             f"{report.studies_per_split})"
         )
-    return TrainingData(train, validation, report, spec)
+    return train, validation
 
 
 def _count(report: DatasetReport, outcome: Outcome, reason: str) -> None:
