@@ -405,7 +405,8 @@ def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path):
     out, _ = sender.communicate(timeout=60)
 
     acked = acknowledged(out)
-    assert 40 <= len(acked) < len(records), "the kill must land mid-transfer"
+    # killed once 40 files were in place; the last may be renamed but not yet acknowledged
+    assert 39 <= len(acked) < len(records), "the kill must land mid-transfer"
     on_disk = visible_files(drop)
     # every acknowledged instance is there, complete, under its final name
     for path in acked:
