@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -45,3 +46,15 @@ def prefect_harness():
     # None: wait as long as PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (set above)
     with prefect_test_harness(server_startup_timeout=None):
         yield
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_do_not_leak():
+    """A test that sets torch's thread count (training, the decode pool's inference limit)
+    leaves the next test the count it found."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and before is not None and torch.get_num_threads() != before:
+        torch.set_num_threads(before)

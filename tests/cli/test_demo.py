@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import zipfile
 
@@ -59,8 +60,22 @@ def test_quick_demo_end_to_end(prefect_harness, tmp_path, monkeypatch):
     assert all(s >= ckpt.threshold for s in queue)
 
     # An honest evaluation on the archive's studies, and the printed report
+    # recomputed here from the database and the truth file, by counting ordered pairs
     ev = result["archive_evaluation"]
-    assert ev["studies"] == counts["studies"] and 0.0 <= ev["auroc"] <= 1.0
+    truth = dict(csv.reader((directory / "studies_truth.csv").read_text().splitlines()[1:]))
+    with engine.connect() as conn:
+        scored = conn.execute(sa.text("SELECT study_instance_uid, score FROM v_study_results"))
+        by_label = {"0": [], "1": []}
+        for uid, score in scored:
+            by_label[truth[uid]].append(score)
+    engine.dispose()
+    pos, neg = by_label["1"], by_label["0"]
+    pairs = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    assert ev["studies"] == counts["studies"] == len(pos) + len(neg)
+    assert ev["positives"] == len(pos) == ev["tp"] + ev["fn"]
+    assert ev["auroc"] == pytest.approx(pairs / (len(pos) * len(neg)), abs=1e-12)
+    assert ev["tp"] == sum(p >= ckpt.threshold for p in pos)
+    assert ev["fp"] == sum(n >= ckpt.threshold for n in neg)
     for title in ("Model demo", "Run summary", "Review queue", "AUROC", "not for clinical use"):
         assert title in text, title
 
