@@ -238,3 +238,30 @@ def test_entries_are_input_files_the_header_scan_and_pixel_path_take(pacs, tmp_p
             image = preprocess(again.read_bytes(), PreprocessSpec()).image
             expected = preprocess(f.path.read_bytes(), PreprocessSpec()).image
             assert (image == expected).all()
+
+
+def test_pacs_sources_resolves_a_configured_name_and_reports_completeness(pacs, tmp_path):
+    from tasks.dicom.pacs.config import load_pacs_config
+    from tasks.dicom.pacs.source import pacs_sources
+    from tasks.dicom.selection import SelectionPolicy
+
+    cr = synth_file(tmp_path, study=1, modality="CR")
+    dx = synth_file(tmp_path, study=2, modality="DX")
+    pacs.upload_files([cr.path, dx.path])
+    config = load_pacs_config(
+        {
+            "CXR_SCREEN_PACS__MAIN__URL": pacs.dicomweb_url,
+            "CXR_SCREEN_PACS__MAIN__USERNAME": pacs.username,
+            "CXR_SCREEN_PACS__MAIN__PASSWORD": pacs.password,
+        }
+    )
+    policy = SelectionPolicy(modalities=("DX",))
+    with pacs_sources(
+        "pacs://main", config, window=StudyWindow.parse("2026-11-28"), policy=policy
+    ) as run:
+        assert [s.study_uid for s in run.prepare()] == [dx.study_uid]
+        (src,) = list(run.files())
+        assert src.uri.startswith(f"dicomweb://main/studies/{dx.study_uid}/")
+        assert run.completeness_of(src.uri).complete
+        assert run.completeness_of("/data/x.dcm") is None and run.broken is None
+        assert "1/1 instances retrieved" in run.report.summary()

@@ -71,15 +71,17 @@ from tasks.dicom.pacs.common import (
     StudyMatch,
     StudyWindow,
     body_part_wanted,
+    parse_source_uri,
     source_uri,
 )
 from tasks.dicom.pacs.config import PacsConfig, PacsEntry
+from tasks.dicom.selection import SelectionPolicy
 from tasks.dicom.sources import ErroredFile, InputFile
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODALITIES = ("CR", "DX")
-DEFAULT_BODY_PARTS = ("CHEST", "THORAX", "TORAX", "LUNG")
+DEFAULT_MODALITIES = SelectionPolicy().modalities  # CR, DX
+DEFAULT_BODY_PARTS = SelectionPolicy().body_parts  # CHEST and its translations
 
 
 class PacsClient(Protocol):
@@ -329,6 +331,14 @@ class PacsRetrieval:
     def partial_studies(self) -> list[StudyCompleteness]:
         return [c for c in self.completeness.values() if not c.complete]
 
+    def completeness_of(self, uri: str) -> StudyCompleteness | None:
+        """The completeness of the study an entry of this run belongs to (final by the time
+        the entry is yielded); None for a URI that is not one of this PACS's instances."""
+        parsed = parse_source_uri(uri)
+        if parsed is None or parsed[1] != self.name:
+            return None
+        return self.completeness.get(parsed[2].study_uid)
+
     def files(self) -> Iterator[InputFile]:
         """The retrieved instances, study by study; never raises a ``PacsError``: a PACS lost
         part-way ends the listing with one errored entry naming the source."""
@@ -526,20 +536,27 @@ def pacs_sources(
     *,
     window: StudyWindow | None = None,
     study_uids: Iterable[str] = (),
-    modalities: Iterable[str] = DEFAULT_MODALITIES,
-    body_parts: Iterable[str] | None = DEFAULT_BODY_PARTS,
+    policy: SelectionPolicy | None = None,
     connections: int | None = None,
     spool_dir: str | os.PathLike[str] | None = None,
 ) -> PacsRetrieval:
     """A retrieval run for a source argument (``pacs://main``, ``dicomweb+https://...``,
-    ``dimse://AET@host:port`` or a configured name). Use it as a context manager."""
+    ``dimse://AET@host:port`` or a configured name), as a context manager.
+
+    ``policy`` (default: the default selection policy) gives the modalities queried (one
+    query each) and the body parts a series must name when it names one; the header scan
+    applies the whole policy to every instance afterwards, as for files. ``study_uids`` adds
+    studies by UID (the ones partial last run). Raises ``PacsConfigError`` for an unknown name
+    or a bad URL; the PACS is first contacted by ``prepare()``.
+    """
+    policy = policy or SelectionPolicy()
     entry = config.resolve(spec)
     return PacsRetrieval(
         make_client(entry),
         window=window,
         study_uids=study_uids,
-        modalities=modalities,
-        body_parts=body_parts,
+        modalities=policy.modalities,
+        body_parts=policy.body_parts,
         connections=connections,
         spool_dir=spool_dir,
     )
