@@ -15,11 +15,15 @@ Rules (what a radiology informatics engineer expects from a drop folder or an ol
   source or found inside a tree. The tar compression is recognised from the file's magic bytes,
   not only its suffix. An archive inside an archive is not opened (errored entry): extract it
   and give it as its own source.
-- Not yielded at all, because they are not instances: ``DICOMDIR`` index files (by name, any
-  case; a DICOMDIR under another name is recognised by its SOP Class in ``tasks.dicom.headers``),
-  hidden files and directories (a name starting with ``.``: ``.DS_Store``, macOS ``._*``
-  AppleDouble files, ``.git``...), macOS ``__MACOSX/`` folders inside archives, and directories
-  themselves.
+- Not yielded by a walk of a directory or an archive, because they are not instances:
+  ``DICOMDIR`` index files (by name, any case; a DICOMDIR under another name is recognised by
+  its SOP Class in ``tasks.dicom.headers``), hidden files and directories (a name starting with
+  ``.``: ``.DS_Store``, macOS ``._*`` AppleDouble files, ``.git``...), macOS ``__MACOSX/``
+  folders inside archives, and directories themselves.
+- A file named as a source is always yielded, whatever its name (``src/DICOMDIR``,
+  ``.hidden.dcm``), also when a directory given as another source holds it: the person named
+  it, so it gets an outcome (a real DICOMDIR index is then *skipped* by the header scan, with
+  that reason). When the walk of such a directory reaches the same file, it is read once.
 - Symbolic links are followed (drop folders are often links into mounted archives), but a
   directory is entered only once: a link back to one of its own ancestors is a loop and gives an
   errored entry; a link to a directory already walked elsewhere is not walked twice.
@@ -228,21 +232,25 @@ def discover(
                 continue
             visited.add(key)
             yield from _walk(path, {key}, visited, limits, given)
-        elif key not in given and not _inside(path, visited):
+        elif key not in given and not _walked(path, visited):
             given.add(key)
             yield from _file(path, st, limits)
 
 
-def _inside(path: str, directories: set[tuple[int, int]]) -> bool:
-    """Whether ``path`` (links resolved) lies in one of these directories."""
-    parent = os.path.dirname(os.path.realpath(path))
+def _walked(path: str, directories: set[tuple[int, int]]) -> bool:
+    """Whether the walk of one of these directories yielded ``path`` (links resolved): it lies
+    in one of them and no name on the way down is one the walk leaves out (hidden, DICOMDIR)."""
+    real = os.path.realpath(path)
+    names = [os.path.basename(real)]
+    parent = os.path.dirname(real)
     while True:
         try:
             st = os.stat(parent)
         except OSError:
             return False
         if (st.st_dev, st.st_ino) in directories:
-            return True
+            return not any(_ignored_name(name) for name in names)
+        names.append(os.path.basename(parent))
         up = os.path.dirname(parent)
         if up == parent:
             return False

@@ -108,6 +108,31 @@ def test_mixed_tree_order_and_uris(mixed_tree: Path) -> None:
     assert [e.uri.rsplit("/", 1)[-1] for e in single] == ["readme.txt", "ct.dcm"]
 
 
+def test_files_named_as_sources_are_yielded_whatever_their_name(mixed_tree: Path) -> None:
+    """A walk leaves out DICOMDIR and hidden names; a file named on the command line is not
+    left out, also when a directory given before or after it holds it, and is read once."""
+    named = [
+        mixed_tree / "a" / "DICOMDIR",
+        mixed_tree / ".hidden" / "secret.dcm",
+        mixed_tree / "a" / ".DS_Store",
+    ]
+    for order in ([mixed_tree, *named], [*named, mixed_tree]):
+        found = uris(list(discover(order)), mixed_tree)
+        for path in named:
+            assert found.count(str(path.relative_to(mixed_tree))) == 1, (order, found)
+        assert found.count("a/ct.dcm") == 1
+        assert "b/dicomdir" not in found  # not named: the walk still leaves it out
+    # a file the walk does yield is still read once when it is also named
+    again = uris(list(discover([mixed_tree, mixed_tree / "a" / "ct.dcm"])), mixed_tree)
+    assert again.count("a/ct.dcm") == 1
+
+
+def test_an_image_named_dicomdir_gets_a_header(tmp_path: Path) -> None:
+    shutil.copy(CT, tmp_path / "DICOMDIR")
+    (entry,) = discover([tmp_path, tmp_path / "DICOMDIR"])
+    assert read_header(entry, KEY).modality == "CT"
+
+
 def test_every_member_reads_back_its_bytes(mixed_tree: Path) -> None:
     originals = {"ct.dcm": CT.read_bytes(), "mr.dcm": MR.read_bytes(), "MR1": MR.read_bytes()}
     originals["inner.dcm"] = CT.read_bytes()
