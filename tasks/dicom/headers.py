@@ -16,6 +16,17 @@ Files without the 128-byte preamble and ``DICM`` prefix (old ACR-NEMA style, or 
 written by some gateways) are read with ``force=True`` and accepted only when the parse yields
 all three instance UIDs as valid UIDs; anything else is "not a DICOM file".
 
+Values kept are safe to store and show (``tasks.dicom.values``):
+- UIDs (Study, Series and SOP Instance, SOP Class, Transfer Syntax) must be UIDs: at most 64
+  characters, digits and dots, no empty component. Anything else fails the file with a reason
+  that names the tag and the rule, never the value (a "UID" can hold a name, and is never used
+  as a key). A component with a leading zero is noted and kept.
+- Code strings (Modality, Body Part Examined, View Position, Presentation Intent Type,
+  Photometric Interpretation) are read by ``values.code`` (stripped, upper case: the same
+  reading as the pixel path's), Accession Number as written; each with control characters
+  escaped and at most 64 characters.
+- Notes and reasons quote numbers and codes only; dates, text and UIDs are named by their tag.
+
 View (ViewPosition is often empty on CR): the first of these that gives an answer is used, and
 ``view_source`` records which one it was:
 1. (0018,5101) ViewPosition, as written (upper case): AP, PA, LL, RL, LATERAL...
@@ -54,10 +65,17 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 from tasks.dicom.outcomes import InputError, SkipReason
 from tasks.dicom.sources import InputFile
 from tasks.dicom.tags import label, labels
+from tasks.dicom.values import (
+    CODE_CAP,
+    code,
+    safe_optional,
+    safe_text,
+    shown,
+    uid_has_leading_zero,
+    uid_problem,
+)
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_PRINTABLE = re.compile(r"^[\x21-\x5b\x5d-\x7e]+$")  # printable ASCII, no space or backslash
 
 HEADER_TAGS = (
     "SOPClassUID",
@@ -106,8 +124,10 @@ _LATERAL_WORDS = {"LAT", "LATERAL", "LL", "RL", "LLAT", "RLAT"}
 class InstanceHeader:
     """What the pipeline knows about one instance before decoding it.
 
-    Strings are as read (trailing padding removed), except ``modality``, ``body_part_examined``
-    and ``photometric_interpretation`` (upper case) and ``view_position`` (see the module text).
+    Strings are as read (padding removed), except ``modality``, ``body_part_examined``,
+    ``presentation_intent`` and ``photometric_interpretation`` (codes: upper case) and
+    ``view_position`` (see the module text); every string is safe to store (control characters
+    escaped, at most 64 characters; UIDs checked).
     ``number_of_frames`` is 1 when the tag is absent. ``notes`` lists values that were present
     but unusable and were recorded as missing (e.g. an invalid StudyDate).
     """
@@ -317,7 +337,7 @@ def _header(
             f"{labels(missing)} {verb} missing or empty; the instance cannot be identified"
         )
 
-    transfer_syntax = _str(meta.get("TransferSyntaxUID"))
+    transfer_syntax = _checked_uid(_str(meta.get("TransferSyntaxUID")), "TransferSyntaxUID", notes)
     if transfer_syntax is None:
         implicit, little = ds.original_encoding
         if implicit is not None:
@@ -332,6 +352,9 @@ def _header(
                 f"no {label('TransferSyntaxUID')} in the file meta; "
                 f"{pydicom.uid.UID(transfer_syntax).name} inferred from the data set"
             )
+    sop_class = _uid(ds, "SOPClassUID", notes) or _checked_uid(
+        media_class, "MediaStorageSOPClassUID", notes
+    )
     view, view_source = _view(ds)
     frames = _int(ds, "NumberOfFrames")
     return InstanceHeader(
@@ -339,14 +362,14 @@ def _header(
         study_instance_uid=uids["StudyInstanceUID"],  # type: ignore[arg-type]
         series_instance_uid=uids["SeriesInstanceUID"],  # type: ignore[arg-type]
         sop_instance_uid=uids["SOPInstanceUID"],  # type: ignore[arg-type]
-        sop_class_uid=_text(ds, "SOPClassUID") or media_class,
+        sop_class_uid=sop_class,
         transfer_syntax_uid=transfer_syntax,
-        modality=_upper(_text(ds, "Modality")),
-        body_part_examined=_upper(_text(ds, "BodyPartExamined")),
-        view_position=view,
+        modality=_code(ds, "Modality"),
+        body_part_examined=_code(ds, "BodyPartExamined"),
+        view_position=safe_optional(view, CODE_CAP),
         view_source=view_source,
-        presentation_intent=_upper(_text(ds, "PresentationIntentType")),
-        photometric_interpretation=_upper(_text(ds, "PhotometricInterpretation")),
+        presentation_intent=_code(ds, "PresentationIntentType"),
+        photometric_interpretation=_code(ds, "PhotometricInterpretation"),
         rows=_int(ds, "Rows"),
         columns=_int(ds, "Columns"),
         bits_allocated=_int(ds, "BitsAllocated"),
@@ -355,9 +378,9 @@ def _header(
         samples_per_pixel=_int(ds, "SamplesPerPixel"),
         number_of_frames=1 if frames is None else frames,
         study_date=_date(ds, "StudyDate", notes),
-        accession_number=_text(ds, "AccessionNumber"),
+        accession_number=safe_optional(_text(ds, "AccessionNumber"), CODE_CAP),
         patient_id_hash=_patient_id_hash(ds, hmac_key),
-        notes=tuple(notes),
+        notes=tuple(safe_text(n) for n in notes),
     )
 
 
@@ -392,30 +415,31 @@ def _upper(text: str | None) -> str | None:
     return text.upper() if text is not None else None
 
 
+def _code(ds: Dataset, keyword: str) -> str | None:
+    """A code string as the selection policy and the pixel path read it, safe to store."""
+    return safe_optional(code(_value(ds, keyword)), CODE_CAP)
+
+
 def _uid(ds: Dataset, keyword: str, notes: list[str] | None) -> str | None:
-    """The UID, or None when absent; ``notes`` None means strict (a file without preamble)."""
+    """The UID, or None when absent; ``InputError`` (naming the tag, not the value) when the
+    value is not a UID. ``notes`` (None: do not note) receives a leading-zero note."""
     value = _value(ds, keyword)
     if value is None:
         return None
     if isinstance(value, MultiValue):
-        raise InputError(
-            f"A {label(keyword)} has {len(value)} values; an instance UID must have one"
-        )
-    text = str(value).strip(" \x00")
+        raise InputError(f"A {label(keyword)} has {len(value)} values; a UID must have one")
+    return _checked_uid(str(value).strip(" \x00"), keyword, notes)
+
+
+def _checked_uid(text: str | None, keyword: str, notes: list[str] | None) -> str | None:
     if not text:
         return None
-    if len(text) > 64 or not _PRINTABLE.match(text):
-        raise InputError(
-            f"A {label(keyword)} value of {text[:80]!r} is invalid, it must be at most 64 "
-            "characters of digits separated by dots"
-        )
-    if not _UID.match(text):
-        # Seen in the wild (broken anonymisers write hashes); usable as a key, so kept.
-        if notes is None:
-            raise InputError(f"A {label(keyword)} value of {text!r} is not a UID")
+    if problem := uid_problem(text):
+        raise InputError(f"A {label(keyword)} value is not a valid UID: {problem}")
+    if notes is not None and uid_has_leading_zero(text):
         notes.append(
-            f"A {label(keyword)} value of {text!r} is not a conformant UID (digits separated "
-            "by dots); used as is"
+            f"A {label(keyword)} value has a component with a leading zero, which the UID "
+            "rules (PS3.5 9.1) forbid; used as is"
         )
     return text
 
@@ -432,7 +456,7 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return int(value)
     except (TypeError, ValueError) as exc:
         raise InputError(
-            f"A {label(keyword)} value of {str(value)[:40]!r} is invalid, it must be an integer"
+            f"A {label(keyword)} value of {shown(value, 40)} is invalid, it must be an integer"
         ) from exc
 
 
@@ -444,9 +468,9 @@ def _date(ds: Dataset, keyword: str, notes: list[str]) -> date | None:
     try:
         return datetime.strptime(digits, "%Y%m%d").date()
     except ValueError:
-        notes.append(
-            f"A {label(keyword)} value of {text[:20]!r} is not a valid date (YYYYMMDD); "
-            "recorded as missing"
+        notes.append(  # the value is not quoted: a date field can hold anything
+            f"A {label(keyword)} value is not a valid date (YYYYMMDD, {len(text)} characters "
+            "read); recorded as missing"
         )
         return None
 

@@ -22,7 +22,15 @@ Decisions (defaults), in the order they are checked:
 - Single-frame only (NumberOfFrames absent or 1).
 - Grayscale only: PhotometricInterpretation MONOCHROME1 or MONOCHROME2 and SamplesPerPixel 1.
   A missing PhotometricInterpretation is not a policy matter: the file is passed on, and the
-  pixel path fails it with the reason.
+  pixel path fails it with the reason. Codes are compared as ``tasks.dicom.values.code`` reads
+  them (upper case: ``monochrome2`` is MONOCHROME2), which is how the pixel path reads them too.
+- Shape: Rows and Columns at least ``min_side`` (32) and an aspect ratio at most
+  ``max_aspect_ratio`` (4:1); a 1 x 5000 strip or a 1 x 1 placeholder is not a radiograph (the
+  reasoning is in ``tasks.dicom.values``). Missing Rows/Columns are left to the pixel path.
+  Both limits can be made stricter per run, not looser (the values module's are the floor).
+
+Values quoted in a reason are escaped and capped (``values.shown``): a header cannot put a
+control character or a long text into the stored reason.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from tasks.dicom.headers import InstanceHeader
+from tasks.dicom.values import MAX_ASPECT_RATIO, MIN_SIDE, shape_problem, shown
 
 DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")
@@ -61,9 +70,23 @@ class SelectionPolicy:
     single_frame_only: bool = True
     grayscale_only: bool = True
     presentation_only: bool = True
-    version: int = 1
+    min_side: int = MIN_SIDE
+    max_aspect_ratio: float = MAX_ASPECT_RATIO
+    version: int = 2
 
     def __post_init__(self) -> None:
+        if isinstance(self.min_side, bool) or not isinstance(self.min_side, int):
+            raise ValueError(f"min_side should be an integer instead of {self.min_side!r}")
+        if self.min_side < MIN_SIDE:
+            raise ValueError(f"min_side should be at least {MIN_SIDE} instead of {self.min_side}")
+        aspect = self.max_aspect_ratio
+        if isinstance(aspect, bool) or not isinstance(aspect, int | float):
+            raise ValueError(f"max_aspect_ratio should be a number instead of {aspect!r}")
+        if not 1.0 <= aspect <= MAX_ASPECT_RATIO:
+            raise ValueError(
+                f"max_aspect_ratio should be between 1 and {MAX_ASPECT_RATIO:g} instead of {aspect}"
+            )
+        object.__setattr__(self, "max_aspect_ratio", float(aspect))
         for name in ("modalities", "body_parts", "views"):
             values = getattr(self, name)
             if isinstance(values, str):
@@ -103,7 +126,7 @@ DEFAULT_POLICY = SelectionPolicy()
 
 def select(header: InstanceHeader, policy: SelectionPolicy = DEFAULT_POLICY) -> str | None:
     """None when ``header`` is screened under ``policy``; otherwise why it is skipped."""
-    for check in (_modality, _presentation, _body_part, _view, _frames, _grayscale):
+    for check in (_modality, _presentation, _body_part, _view, _frames, _grayscale, _shape):
         reason = check(header, policy)
         if reason is not None:
             return reason
@@ -115,7 +138,7 @@ def _modality(h: InstanceHeader, p: SelectionPolicy) -> str | None:
     if h.modality is None:
         return f"Modality is missing; only {wanted} are screened"
     if h.modality.upper() not in p.modalities:
-        return f"Modality {h.modality!r} is not one of {wanted}"
+        return f"Modality {shown(h.modality)} is not one of {wanted}"
     return None
 
 
@@ -139,7 +162,7 @@ def _body_part(h: InstanceHeader, p: SelectionPolicy) -> str | None:
     words = set(_WORDS.split(h.body_part_examined.upper()))
     if words & set(p.body_parts):
         return None
-    return f"BodyPartExamined {h.body_part_examined!r} is not one of {wanted}"
+    return f"BodyPartExamined {shown(h.body_part_examined)} is not one of {wanted}"
 
 
 def _view(h: InstanceHeader, p: SelectionPolicy) -> str | None:
@@ -156,7 +179,11 @@ def _view(h: InstanceHeader, p: SelectionPolicy) -> str | None:
     if view in p.views:
         return None
     source = h.view_source or "ViewPosition"
-    subject = f"ViewPosition {view!r}" if source == "ViewPosition" else f"View {view!r} ({source})"
+    subject = (
+        f"ViewPosition {shown(view)}"
+        if source == "ViewPosition"
+        else f"View {shown(view)} ({source})"
+    )
     if view in LATERAL_VIEWS:
         return f"{subject} is a lateral view; only {wanted} are screened"
     if view in _DESCRIBED_VIEWS:
@@ -176,7 +203,7 @@ def _grayscale(h: InstanceHeader, p: SelectionPolicy) -> str | None:
     pi = h.photometric_interpretation
     if pi is not None and pi not in GRAYSCALE:
         return (
-            f"PhotometricInterpretation {pi!r} is not grayscale; only "
+            f"PhotometricInterpretation {shown(pi)} is not grayscale; only "
             f"{', '.join(GRAYSCALE)} are screened"
         )
     if h.samples_per_pixel is not None and h.samples_per_pixel != 1:
@@ -185,3 +212,9 @@ def _grayscale(h: InstanceHeader, p: SelectionPolicy) -> str | None:
             "are screened"
         )
     return None
+
+
+def _shape(h: InstanceHeader, p: SelectionPolicy) -> str | None:
+    if h.rows is None or h.columns is None:
+        return None  # the pixel path says what is missing
+    return shape_problem(h.rows, h.columns, p.min_side, p.max_aspect_ratio)

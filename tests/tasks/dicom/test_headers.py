@@ -293,15 +293,24 @@ def test_dates_and_uids(tmp_path: Path) -> None:
     assert acr.study_date == date(2004, 1, 19)
     bad = header_of(write_dicom(tmp_path / "b.dcm", StudyDate="20231340"))
     assert bad.study_date is None
-    assert bad.notes == (
-        "A (0008,0020) 'Study Date' value of '20231340' is not a valid date (YYYYMMDD); "
+    assert bad.notes == (  # a date field can hold anything: not quoted
+        "A (0008,0020) 'Study Date' value is not a valid date (YYYYMMDD, 8 characters read); "
         "recorded as missing",
     )
     hashed_uid = "dccc9599087131742838cc1162a630fea87ba9bf61ac09bfda90d4adfa5ddaed"
-    odd = header_of(write_dicom(tmp_path / "c.dcm", SOPInstanceUID=hashed_uid))
-    assert odd.sop_instance_uid == hashed_uid
-    assert "is not a conformant UID" in odd.notes[0]
-    with pytest.raises(InputError, match=r"A \(0020,000D\) 'Study Instance UID' value of '1\.2"):
+    with pytest.raises(InputError) as info:  # a broken anonymiser's hash is not a UID
+        header_of(write_dicom(tmp_path / "c.dcm", SOPInstanceUID=hashed_uid))
+    assert str(info.value) == (
+        "A (0008,0018) 'SOP Instance UID' value is not a valid UID: it holds characters other "
+        "than digits and dots; a UID holds only those"
+    )
+    zero = header_of(write_dicom(tmp_path / "z.dcm", SeriesInstanceUID="1.2.840.0123.4"))
+    assert zero.series_instance_uid == "1.2.840.0123.4"
+    assert zero.notes == (
+        "A (0020,000E) 'Series Instance UID' value has a component with a leading zero, which "
+        "the UID rules (PS3.5 9.1) forbid; used as is",
+    )
+    with pytest.raises(InputError, match=r"^A \(0020,000D\) 'Study Instance UID' value is not a"):
         header_of(write_dicom(tmp_path / "d.dcm", StudyInstanceUID="1.2." + "3" * 70))
     with pytest.raises(InputError, match=r"\(0020,000E\) 'Series Instance UID' has 2 values"):
         header_of(write_dicom(tmp_path / "e.dcm", SeriesInstanceUID=["1.2", "1.3"]))
