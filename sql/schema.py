@@ -251,6 +251,7 @@ class StudyPrediction(Base):
         sa.CheckConstraint("score >= 0 AND score <= 1", name="score_range"),
         sa.CheckConstraint("n_images > 0", name="n_images_positive"),
         sa.Index(None, "model_id", "label", "score"),
+        sa.Index(None, "label", "score"),  # the review worklist in score order (0004)
         sa.Index(None, "predicted_at"),
     )
 

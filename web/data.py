@@ -11,6 +11,8 @@ import bisect
 import datetime as dt
 import re
 import statistics
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -262,11 +264,18 @@ def _after(cursor: Cursor) -> sa.ColumnElement[bool]:
     s = sa.bindparam("cursor_score", cursor.score, sa.Double)
     u = sa.bindparam("cursor_uid", cursor.study_uid, sa.Text)
     m = sa.bindparam("cursor_model", cursor.model_id, sa.Integer)
-    return sa.or_(
-        w.score < s,
-        sa.and_(
-            w.score == s,
-            sa.or_(w.study_instance_uid > u, sa.and_(w.study_instance_uid == u, w.model_id > m)),
+    # The first condition is implied by the second; it lets the planner start its index walk
+    # at the cursor instead of at the top.
+    return sa.and_(
+        w.score <= s,
+        sa.or_(
+            w.score < s,
+            sa.and_(
+                w.score == s,
+                sa.or_(
+                    w.study_instance_uid > u, sa.and_(w.study_instance_uid == u, w.model_id > m)
+                ),
+            ),
         ),
     )
 
@@ -276,11 +285,16 @@ def _before(cursor: Cursor) -> sa.ColumnElement[bool]:
     s = sa.bindparam("cursor_score", cursor.score, sa.Double)
     u = sa.bindparam("cursor_uid", cursor.study_uid, sa.Text)
     m = sa.bindparam("cursor_model", cursor.model_id, sa.Integer)
-    return sa.or_(
-        w.score > s,
-        sa.and_(
-            w.score == s,
-            sa.or_(w.study_instance_uid < u, sa.and_(w.study_instance_uid == u, w.model_id < m)),
+    return sa.and_(
+        w.score >= s,
+        sa.or_(
+            w.score > s,
+            sa.and_(
+                w.score == s,
+                sa.or_(
+                    w.study_instance_uid < u, sa.and_(w.study_instance_uid == u, w.model_id < m)
+                ),
+            ),
         ),
     )
 
@@ -381,14 +395,37 @@ def worklist_counts(conn: Connection, filters: Filters) -> Counts:
     return Counts(int(total), int(unreviewed), int(agree), int(disagree), int(uncertain))
 
 
-def position(conn: Connection, filters: Filters, cursor: Cursor) -> int:
-    """How many matching rows come before ``cursor`` (for "rows 51-100 of 250")."""
-    stmt = (
-        sa.select(sa.func.count())
-        .select_from(WORKLIST)
-        .where(*filters.conditions(), _before(cursor))
-    )
-    return int(conn.execute(stmt).scalar_one())
+class CountsCache:
+    """Worklist counts per filter scope, kept for ``ttl_s`` seconds.
+
+    Counting reads every flagged prediction in the scope (~0.1-0.3 s at 100,000 studies), where
+    a page of rows reads one page: the page shows its rows at once and its counts a moment
+    later, from here. ``clear()`` after this process records a review; another process's
+    reviews show within ``ttl_s``.
+    """
+
+    def __init__(self, ttl_s: float = 20.0) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[tuple, tuple[float, Counts]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, conn: Connection, filters: Filters) -> Counts:
+        key = (filters.date_from, filters.date_to, filters.model)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._entries.get(key)
+        if hit and now - hit[0] < self.ttl_s:
+            return hit[1]
+        counts = worklist_counts(conn, filters)
+        with self._lock:
+            if len(self._entries) > 256:
+                self._entries.clear()
+            self._entries[key] = (now, counts)
+        return counts
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
 
 
 def neighbour(

@@ -163,7 +163,8 @@ HOSTILE = [
     "é" * 90,
     "1e999~1.2~1",
 ]
-PARAMETERS = ["from", "to", "model", "reviewed", "decision", "size", "after", "before"]
+WORKLIST_PATHS = ("/worklist", "/worklist/counts", "/worklist.csv")
+PARAMETERS = ["from", "to", "model", "reviewed", "decision", "size", "after", "before", "start"]
 BENIGN = {
     "from": "2024-01-01",
     "to": "2024-12-31",
@@ -173,6 +174,7 @@ BENIGN = {
     "size": "20",
     "after": "0.9~1.2.3~1",
     "before": "0.1~1.2.3~1",
+    "start": "50",
 }
 
 
@@ -190,14 +192,14 @@ def test_hostile_filter_values_cannot_change_the_sql(site, client):
         benign: dict[str, set[str]] = {}
         for name, value in BENIGN.items():
             statements.clear()
-            for path in ("/worklist", "/worklist.csv"):
+            for path in WORKLIST_PATHS:
                 assert client.get(path, params={name: value}).status_code == 200, name
             benign[name] = set(statements)
         before = count_reviews(site["db_url"])
         for name in PARAMETERS:
             for value in HOSTILE:
                 statements.clear()
-                for path in ("/worklist", "/worklist.csv"):
+                for path in WORKLIST_PATHS:
                     answer = client.get(path, params={name: value})
                     assert answer.status_code in (200, 400), (name, value, answer.status_code)
                     if answer.status_code == 400:
@@ -393,10 +395,15 @@ def test_secure_cookies_behind_tls(site):
         _serve(site["backend"], site["db_url"], site["home"], web_secure_cookies=True) as served,
         httpx.Client(base_url=served["url"]) as c,
     ):
-        token = csrf_of(c.get("/login").text)
-        answer = c.post(
-            "/login", data={"username": REVIEWER, "password": PASSWORD, "csrf_token": token}
-        )
+        shown = c.get("/login")
+        assert "; secure" in shown.headers["set-cookie"].lower()
+        # A client on plain HTTP keeps the cookie to itself: the login's CSRF check fails.
+        token = csrf_of(shown.text)
+        data = {"username": REVIEWER, "password": PASSWORD, "csrf_token": token}
+        assert c.post("/login", data=data).status_code == 403
+        # Sent back (as a browser does over HTTPS), the login goes through, Secure again.
+        session = shown.headers["set-cookie"].split(";")[0]
+        answer = c.post("/login", data=data, headers={"cookie": session})
         assert answer.status_code == 303
         flags = answer.headers["set-cookie"].lower()
         assert "; secure" in flags and "httponly" in flags

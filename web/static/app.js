@@ -22,7 +22,18 @@
     if (link) window.location.assign(link.href);
   }
 
+  // The counts read every flagged study in the scope: they follow the rows.
+  function loadCounts() {
+    var box = document.getElementById("counts");
+    if (!box || !box.dataset.src || box.querySelector("[data-count]")) return;
+    fetch(box.dataset.src, { credentials: "same-origin", headers: { Accept: "text/html" } })
+      .then(function (r) { if (!r.ok) throw new Error(r.status); return r.text(); })
+      .then(function (html) { box.innerHTML = html; })
+      .catch(function () { box.textContent = "counts unavailable (reload to retry)"; });
+  }
+
   function worklist() {
+    loadCounts();
     var rows = Array.prototype.slice.call(document.querySelectorAll("#worklist tbody tr"));
     var current = rows.length ? 0 : -1;
     function select(i) {

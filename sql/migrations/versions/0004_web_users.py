@@ -1,6 +1,7 @@
 """The review web page: web_users (logins with argon2 password hashes), reviews.reason (why
-a reviewer disagreed), v_worklist (flagged study predictions with their latest review), and
-the pixel-path facts and view position in v_instance_outcomes.
+a reviewer disagreed), v_worklist (flagged study predictions with their latest review) and an
+index that walks them in score order, and the pixel-path facts and view position in
+v_instance_outcomes.
 
 Revision ID: 0004
 Revises: 0003
@@ -288,6 +289,10 @@ def upgrade() -> None:
         sa.UniqueConstraint("username", name=op.f("uq_web_users_username")),
     )
     op.add_column("reviews", sa.Column("reason", TEXT, nullable=True))
+    # The worklist walks flagged predictions in score order and stops after a page.
+    op.create_index(
+        op.f("ix_study_predictions_label_score"), "study_predictions", ["label", "score"]
+    )
     for name in ("v_instance_outcomes", "v_latest_reviews", "v_reviews"):
         if postgresql_db:
             op.execute(VIEWS[name].replace("CREATE VIEW", "CREATE OR REPLACE VIEW", 1))
@@ -313,4 +318,5 @@ def downgrade() -> None:
         op.execute(PREVIOUS_VIEWS[name])
     if postgresql_db:
         op.execute(PREVIOUS_GRANTS)
+    op.drop_index(op.f("ix_study_predictions_label_score"), table_name="study_predictions")
     op.drop_table("web_users")
