@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from cli import db, demo, fanout, listen, model, pacs, publish, query, screen, serve, train
+from cli import db, demo, fanout, listen, model, pacs, publish, query, screen, serve, train, web
 from cli.console import DEBUG_ENV, enable_debug
 
 app = typer.Typer(
@@ -51,6 +51,7 @@ app.command("review")(query.review_command)
 app.add_typer(model.app, name="model")
 app.add_typer(db.app, name="db")
 app.add_typer(fanout.app, name="fanout")
+app.add_typer(web.app, name="web")
 # (the web page and PACS commands register here)
 app.command("listen")(listen.listen_command)
 app.command("publish")(publish.publish_command)

@@ -103,8 +103,7 @@ def adduser(
         str | None, typer.Option("--db", help="Database URL (default: settings; as its owner)")
     ] = None,
 ) -> None:
-    """Add a login for the review page; the password comes from a prompt, or from the first
-    line of standard input when it is not a terminal."""
+    """Add a login for the review page (password: a prompt, or standard input's first line)."""
     from flows.settings import get_settings
     from sql.db import connect
     from web.auth import UserError, add_user, check_password, check_username

@@ -128,6 +128,14 @@ def test_serve_binds_loopback_unless_told_otherwise(tmp_path, sqlite_url):
     assert (tmp_path / "home" / "web_secret.key").stat().st_mode & 0o777 == 0o600
 
 
+def test_the_web_command_group_is_registered():
+    from cli.app import app
+
+    result = CliRunner().invoke(app, ["web", "--help"])
+    assert result.exit_code == 0
+    assert "adduser" in result.output and "--host" in result.output
+
+
 def test_web_settings_refuse_a_dangerous_viewer_template_or_proxy_list():
     from pydantic import ValidationError
 
