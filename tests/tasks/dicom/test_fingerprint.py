@@ -1,0 +1,213 @@
+"""Content fingerprints with copies made by real encoders (dcmtk, OpenJPEG through pydicom):
+every lossless copy of an instance has its fingerprint, a lossy copy does not, and a copy decoded
+at reduced resolution is matched by a full decode on demand."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEG2000Lossless
+
+import tasks.dicom.pixels as px
+from model.spec import PreprocessSpec
+from tasks.dicom import fingerprint as fp
+from tasks.dicom import synth
+
+SPEC = PreprocessSpec()
+
+LOSSLESS = {
+    "implicit": ["dcmconv", "+ti"],
+    "explicit_big_endian": ["dcmconv", "+tb"],
+    "jpeg_ls": ["dcmcjpls"],  # JPEG-LS lossless (default)
+    "jpeg_lossless_sv1": ["dcmcjpeg", "+e1"],
+    "jpeg_lossless": ["dcmcjpeg", "+el"],
+    "rle": ["dcmcrle"],
+}
+LOSSY = {  # +un: keep the SOP Instance UID, as a careless archive would
+    "jpeg_ls_near_lossless": ["dcmcjpls", "+en", "+md", "2", "+un"],
+    "jpeg_extended_12bit": ["dcmcjpeg", "+ee", "+un"],
+}
+
+
+def _run(tool: list[str], src: Path, dst: Path) -> None:
+    if shutil.which(tool[0]) is None:
+        pytest.fail(f"{tool[0]} (dcmtk) is missing: apt-get install dcmtk", pytrace=False)
+    subprocess.run([*tool, str(src), str(dst)], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def copies(tmp_path_factory) -> dict[str, Path]:
+    """One 12-bit chest DX (700 x 640, rescale and window) and its copies."""
+    root = tmp_path_factory.mktemp("fingerprint")
+    params = synth.ImageParams(rows=700, columns=640, bits_stored=12, rescale=(2.0, -1024.0))
+    original = Path(synth.write_image(root / "original.dcm", params, positive=True, seed=5)["path"])
+    out = {"original": original}
+    for name, tool in {**LOSSLESS, **LOSSY}.items():
+        out[name] = root / f"{name}.dcm"
+        _run(tool, original, out[name])
+    ds = pydicom.dcmread(original)
+    ds.compress(JPEG2000Lossless, ds.pixel_array, generate_instance_uid=False)
+    out["j2k_lossless"] = root / "j2k_lossless.dcm"
+    ds.save_as(out["j2k_lossless"], enforce_file_format=True)
+    return out
+
+
+def test_copies_are_the_same_instance_in_other_bytes(copies):
+    uids = {name: str(pydicom.dcmread(p).SOPInstanceUID) for name, p in copies.items()}
+    assert len(set(uids.values())) == 1, uids
+    syntaxes = {str(pydicom.dcmread(p).file_meta.TransferSyntaxUID) for p in copies.values()}
+    assert len(syntaxes) == len(copies)  # every copy is another encoding
+    digests = {hashlib.sha256(p.read_bytes()).hexdigest() for p in copies.values()}
+    assert len(digests) == len(copies)  # which a hash of the file's bytes calls a conflict
+
+
+def test_lossless_copies_share_the_pixel_fingerprint(copies):
+    original = px.preprocess(copies["original"], SPEC)
+    assert original.fingerprint.startswith("px1:") and len(original.fingerprint) == 68
+    for name in LOSSLESS:
+        res = px.preprocess(copies[name], SPEC)
+        assert res.fingerprint == original.fingerprint, (name, res.facts["decoder"])
+        assert fp.pixel_fingerprint(copies[name]) == original.fingerprint
+
+
+def test_lossy_copies_do_not(copies):
+    original = px.preprocess(copies["original"], SPEC).fingerprint
+    for name in LOSSY:
+        res = px.preprocess(copies[name], SPEC)
+        assert fp.kind(res.fingerprint) == "px1"  # decoded at full resolution
+        assert res.fingerprint != original, name
+        assert fp.compare(original, res.fingerprint) == fp.Comparison(
+            False, "different pixel values"
+        )
+
+
+def test_reduced_decode_gives_a_codestream_fingerprint_and_a_full_one_on_demand(copies):
+    original = px.preprocess(copies["original"], SPEC).fingerprint
+    j2k = copies["j2k_lossless"]
+    reduced = px.preprocess(j2k, SPEC)
+    assert reduced.facts["reduce_level"] >= 1
+    assert fp.kind(reduced.fingerprint) == "cs1"
+    assert fp.codestream_fingerprint(j2k) == reduced.fingerprint
+    assert fp.codestream_fingerprint(copies["original"]) is None  # native: no codestream
+    full = px.preprocess(j2k, SPEC, reduced=False)
+    assert full.fingerprint == original == fp.pixel_fingerprint(j2k)
+    # the writer's comparison, both ways round
+    assert fp.compare(original, reduced.fingerprint, new_source=j2k) == fp.Comparison(
+        True, "full-resolution decode of the new file"
+    )
+    unknown = fp.compare(reduced.fingerprint, original)
+    assert unknown.same is None and "not at hand" in unknown.how
+    assert fp.compare(reduced.fingerprint, original, stored_source=j2k).same is True
+    lossy = px.preprocess(copies["jpeg_ls_near_lossless"], SPEC).fingerprint
+    assert fp.compare(reduced.fingerprint, lossy, stored_source=j2k).same is False
+    assert fp.compare(original, reduced.fingerprint).same is None  # no source: cannot tell
+
+
+def test_the_codestream_fingerprint_ignores_the_wrapper(copies, tmp_path):
+    ds = pydicom.dcmread(copies["j2k_lossless"])
+    ds.PatientName = "OTHER^NAME"
+    ds.InstitutionName = "another export"
+    ds.save_as(tmp_path / "rewrapped.dcm", enforce_file_format=True)
+    assert fp.codestream_fingerprint(tmp_path / "rewrapped.dcm") == fp.codestream_fingerprint(
+        copies["j2k_lossless"]
+    )
+    stored = px.preprocess(copies["j2k_lossless"], SPEC).fingerprint
+    new = px.preprocess(tmp_path / "rewrapped.dcm", SPEC).fingerprint
+    assert fp.compare(stored, new) == fp.Comparison(True, "same fingerprint")
+    # a native copy is matched through its codestream when it is encapsulated the same way,
+    # and through a full decode of the stored file otherwise
+    native = px.preprocess(copies["original"], SPEC).fingerprint
+    assert fp.compare(stored, native, new_source=copies["original"]).same is None
+
+
+def test_two_codestreams_of_the_same_pixels_are_told_apart_only_by_decoding(copies, tmp_path):
+    """Another JPEG 2000 encoder writes other bytes for the same values: here the same
+    codestream with a comment marker segment (COM) after SIZ, which decoders skip."""
+    j2k = copies["j2k_lossless"]
+    ds = pydicom.dcmread(j2k)
+    cs = fp.frame_bytes(ds)
+    assert cs[:4] == b"\xff\x4f\xff\x51"  # SOC, SIZ
+    at = 4 + struct.unpack(">H", cs[4:6])[0]
+    text = b"another encoder"
+    other = cs[:at] + b"\xff\x64" + struct.pack(">HH", 4 + len(text), 1) + text + cs[at:]
+    ds.PixelData = encapsulate([other + b"\0" * (len(other) % 2)])
+    ds.save_as(tmp_path / "other.dcm", enforce_file_format=True)
+    stored = px.preprocess(j2k, SPEC).fingerprint
+    new = px.preprocess(tmp_path / "other.dcm", SPEC)
+    assert new.facts["reduce_level"] >= 1 and fp.kind(new.fingerprint) == "cs1"
+    assert new.fingerprint != stored
+    assert fp.compare(stored, new.fingerprint, new_source=tmp_path / "other.dcm").same is None
+    both = fp.compare(stored, new.fingerprint, new_source=tmp_path / "other.dcm", stored_source=j2k)
+    assert both == fp.Comparison(True, "full-resolution decode of both files")
+    lossy = copies["jpeg_ls_near_lossless"]
+    assert fp.compare(stored, new.fingerprint, new_source=lossy, stored_source=j2k).same is False
+
+
+@pytest.mark.parametrize(
+    ("change", "same"),
+    [
+        (lambda ds: setattr(ds, "PatientName", "SOMEONE^ELSE"), True),
+        (lambda ds: setattr(ds, "LUTExplanation", "free text"), True),
+        (lambda ds: setattr(ds, "RescaleSlope", "2.0"), True),  # the same number, other text
+        (lambda ds: setattr(ds, "PhotometricInterpretation", "monochrome2"), True),
+        (lambda ds: setattr(ds, "RescaleIntercept", "-1000"), False),
+        (lambda ds: setattr(ds, "WindowWidth", float(ds.WindowWidth) + 1), False),
+        (lambda ds: setattr(ds, "PhotometricInterpretation", "MONOCHROME1"), False),
+        (lambda ds: setattr(ds, "PresentationLUTShape", "INVERSE"), False),
+        (lambda ds: setattr(ds, "PixelPaddingValue", 0), False),
+        (lambda ds: setattr(ds, "BitsStored", 13), False),
+    ],
+)
+def test_what_changes_the_meaning_changes_the_fingerprint(copies, change, same):
+    ds = pydicom.dcmread(copies["original"])
+    before = px.preprocess(ds, SPEC).fingerprint
+    change(ds)
+    after = px.preprocess(ds, SPEC).fingerprint
+    assert (after == before) is same
+
+
+def test_lut_data_is_hashed_whatever_its_vr(copies):
+    from pydicom.dataset import Dataset
+
+    fingerprints = set()
+    data = np.linspace(0, 65535, 4096).astype(np.uint16)
+    for vr, value in (("US", data.tolist()), ("OW", data.astype("<u2").tobytes())):
+        ds = pydicom.dcmread(copies["original"])
+        item = Dataset()
+        item.LUTDescriptor = [4096, 0, 16]
+        item.add_new("LUTData", vr, value)
+        ds.VOILUTSequence = [item]
+        fingerprints.add(px.preprocess(ds, SPEC).fingerprint)
+    assert len(fingerprints) == 1
+    ds.VOILUTSequence[0].LUTData = data[::-1].astype("<u2").tobytes()
+    assert px.preprocess(ds, SPEC).fingerprint not in fingerprints
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("RG1_J2KR.dcm", "RG1_UNCR.dcm"),  # chest CR, JPEG 2000 lossless vs uncompressed
+        ("MR_small_jpeg_ls_lossless.dcm", "MR_small.dcm"),
+        ("MR_small_bigendian.dcm", "MR_small.dcm"),
+        ("MR_small_implicit.dcm", "MR_small.dcm"),
+    ],
+)
+def test_real_lossless_pairs(a, b):
+    pa, pb = get_testdata_file(a), get_testdata_file(b)
+    assert fp.pixel_fingerprint(pa) == fp.pixel_fingerprint(pb)
+
+
+def test_kind_refuses_anything_else():
+    assert fp.kind("px1:" + "0" * 64) == "px1"
+    for bad in ("", "px1", "sha256:" + "0" * 64, "px1:abc", "cs2:" + "0" * 64):
+        with pytest.raises(ValueError, match="not a content fingerprint"):
+            fp.kind(bad)
