@@ -426,7 +426,7 @@ def check_image(ds: Dataset, tsyntax: UID, max_pixels: int) -> tuple[PixelLayout
     if samples != 1 or photometric not in GRAYSCALE:
         raise InputError(
             f"{label('PhotometricInterpretation')} value "
-            f"{shown(photometric) if photometric else '(missing)'} with "
+            f"{shown(photometric or '(missing)')} with "
             f"{label('SamplesPerPixel')} {samples} is not grayscale: the preprocessing "
             "spec needs MONOCHROME1 or MONOCHROME2"
         )

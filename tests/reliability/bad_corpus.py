@@ -437,7 +437,7 @@ def build(root: str | os.PathLike[str], *, bomb_bytes: int = GIB) -> list[Kind]:
         "SOP Instance UID longer than 64 characters",
         "generated/sop_uid_too_long.dcm",
         "failed",
-        "'SOP Instance UID' value of '1\\.2\\.3(\\.4)+.*' is invalid, it must be at most 64",
+        "'SOP Instance UID' value is not a valid UID: it is 85 characters long; a UID has at most",
         "generated",
     )
 
@@ -896,7 +896,139 @@ def build(root: str | os.PathLike[str], *, bomb_bytes: int = GIB) -> list[Kind]:
         r"a DICOMDIR index, not an image",
         "pydicom",
     )
+    _hostile_and_degenerate(gen, add)
     return kinds
+
+
+def _hostile_and_degenerate(gen: Path, add) -> None:
+    """Issue #13: hostile header values and degenerate images (appended kinds)."""
+    from pydicom.dataset import Dataset
+
+    def lut(descriptor: list[int], vr: str = "US") -> Dataset:
+        item = Dataset()
+        item.add_new("LUTDescriptor", vr, descriptor)
+        item.add_new("LUTData", "US", np.linspace(0, 65535, 4096).astype(int).tolist())
+        return item
+
+    def entry(seed, fname, name, outcome, reason, fact=None, **changes) -> None:
+        ds, _ = _dataset(seed)
+        for keyword, value in changes.items():
+            if keyword == "pixels":
+                ds.Rows, ds.Columns = value.shape
+                ds.PixelData = value.astype(np.uint16).tobytes()
+            elif keyword in ("VOILUTSequence", "ModalityLUTSequence"):
+                setattr(ds, keyword, [lut(*value)])
+            else:
+                setattr(ds, keyword, value)
+        (gen / fname).write_bytes(_bytes(ds))
+        add(name, f"generated/{fname}", outcome, reason, "generated", fact)
+
+    entry(
+        60,
+        "uid_holding_a_name.dcm",
+        "Study Instance UID holding a name",
+        "failed",
+        r"^A \(0020,000D\) 'Study Instance UID' value is not a valid UID: it holds characters "
+        r"other than digits and dots; a UID holds only those$",
+        StudyInstanceUID="1.2.3.ZEBULON^QUIXOTEPHI",
+    )
+    entry(
+        61,
+        "accession_nul.dcm",
+        "Accession Number with a NUL",
+        "predicted",
+        None,
+        AccessionNumber="ACC\0NUL",
+    )
+    entry(
+        62,
+        "voi_function_nul.dcm",
+        "VOI LUT Function with a NUL",
+        "predicted",
+        None,
+        "window_rejected",
+        VOILUTFunction="LIN\0EAR",
+    )
+    entry(
+        63,
+        "lut_explanation_name.dcm",
+        "LUT Explanation holding a name (not stored)",
+        "predicted",
+        None,
+        "window",
+        VOILUTSequence=([4096, 0, 16],),
+        LUTExplanation="ZEBULON^QUIXOTEPHI",
+    )
+    entry(
+        64,
+        "monochrome2_lower_case.dcm",
+        "Photometric Interpretation in lower case",
+        "predicted",
+        None,
+        "photometric",
+        PhotometricInterpretation="monochrome2",
+    )
+    for seed, (rows, cols) in enumerate(((1, 1), (1, 5000), (4000, 1), (600, 100)), start=65):
+        entry(
+            seed,
+            f"shape_{rows}x{cols}.dcm",
+            f"{rows} x {cols} image",
+            "skipped",
+            rf"'Rows' x \(0028,0011\) 'Columns' {rows} x {cols}: .* not a radiograph",
+            pixels=np.full((rows, cols), 1000),
+        )
+    entry(
+        70,
+        "constant.dcm",
+        "constant image",
+        "failed",
+        r"the image is blank: every pixel of \(7FE0,0010\) 'Pixel Data' holds the stored value",
+        pixels=np.full((64, 48), 1000),
+    )
+    entry(
+        71,
+        "window_saturates.dcm",
+        "window that saturates the whole image",
+        "failed",
+        r"the image is nearly constant after \(0028,1050\) 'Window Center'",
+        WindowCenter=60000,
+        WindowWidth=10,
+    )
+    entry(
+        72,
+        "voi_lut_zero_bits.dcm",
+        "VOI LUT with 0 bits per entry (NaN before)",
+        "predicted",
+        None,
+        "window_rejected",
+        VOILUTSequence=([4096, 0, 0],),
+    )
+    entry(
+        73,
+        "voi_lut_negative_bits.dcm",
+        "VOI LUT with a negative bit count",
+        "predicted",
+        None,
+        "window_rejected",
+        VOILUTSequence=([4096, 0, -3], "SS"),
+    )
+    entry(
+        74,
+        "modality_lut_zero_bits.dcm",
+        "Modality LUT with 0 bits per entry",
+        "failed",
+        r"\(0028,3000\) 'Modality LUT Sequence' item 1 \(0028,3002\) 'LUT Descriptor' "
+        r"declares 0 bits per entry; it must be between 8 and 16",
+        ModalityLUTSequence=([4096, 0, 0],),
+    )
+    entry(
+        75,
+        "rescale_overflow.dcm",
+        "Rescale Slope that overflows",
+        "failed",
+        r"maps stored values to NaN or infinite values",
+        RescaleSlope="1e308",
+    )
 
 
 def _literal(text: str) -> str:
