@@ -1,4 +1,4 @@
-"""Which database errors mean what: permission refused, or worth retrying.
+"""Which database errors mean what: permission refused, worth retrying, or one file's data.
 
 ``DB_RETRIES`` is the one retry setting of every Prefect task that touches the database::
 
@@ -46,6 +46,24 @@ def is_transient_db_error(exc: BaseException | None) -> bool:
         text = str(exc.orig if getattr(exc, "orig", None) else exc).lower()
         return any(word in text for word in _TRANSIENT_WORDS)
     return False
+
+
+def is_data_error(exc: BaseException | None) -> bool:
+    """A value one file brought, refused by a row check (``ValueError``, e.g.
+    ``sql.rows.RowValueError``) or by the database (``DataError``: NUL in text, NaN in JSON, a
+    number out of range; ``IntegrityError``: a CHECK or NOT NULL constraint). Such an error
+    follows the file, not the database: ``sql.shards.write_shard`` records the file as failed
+    and stores the rest. A lost connection is never a data error (it is retried), nor is a
+    schema problem (``OperationalError`` / ``ProgrammingError``: a missing column)."""
+    if exc is None or is_transient_db_error(exc):
+        return False
+    if isinstance(exc, sa.exc.DataError | sa.exc.IntegrityError):
+        return True
+    if isinstance(exc, sa.exc.DBAPIError):
+        return False
+    if isinstance(exc, sa.exc.StatementError):  # a bind processor refused a value
+        return isinstance(exc.orig, ValueError | OverflowError)
+    return isinstance(exc, ValueError | OverflowError)
 
 
 def retry_on_transient_db_error(task: Task[..., Any], task_run: TaskRun, state: State) -> bool:

@@ -8,7 +8,10 @@ Every function takes a ``Session`` whose transaction the caller owns::
         run_id = start_run(session, kind="nightly", model_id=model_id)
 
 A run is ``running`` from ``start_run`` until ``finish_run`` closes it ``completed`` or
-``failed``. ``runs.heartbeat_at`` is its last sign of life (its start, then every committed
+``failed``, or ``interrupt_run`` closes it ``interrupted`` (SIGINT or SIGTERM). Whatever the
+ending, the caller closes the run after its last shard has committed (or rolled back), with the
+counts of the committed shards: the run's counts then always equal its committed rows.
+``runs.heartbeat_at`` is its last sign of life (its start, then every committed
 shard); a run silent for longer than ``STALE_RUN_AFTER`` when another run starts is marked
 ``abandoned``, and set back to ``running`` should it beat again.
 """
@@ -28,9 +31,12 @@ from sqlalchemy.orm import Session
 from sql.rows import (
     MODEL_METADATA_REQUIRED,
     RUN_COUNT_KEYS,
+    TEXT_LIMITS,
     check_optional_int,
     check_probability,
     check_sha256,
+    clean_json,
+    clean_text,
 )
 from sql.schema import RUN_KINDS, Model, Run, Watermark
 from sql.upsert import dialect_insert, utc_now
@@ -43,6 +49,9 @@ logger = logging.getLogger(__name__)
 #: process is gone (SIGKILL, OOM killer, a lost host). ``start_run(stale_after=...)`` overrides
 #: it; None turns the check off.
 STALE_RUN_AFTER = dt.timedelta(hours=6)
+_UNLIMITED = 10**9  # a run's parameters are kept whole (only their text is made safe)
+#: The statuses a run closes with (``finish_run``).
+CLOSING_STATUSES = ("completed", "failed", "interrupted")
 #: A heartbeat is written at most this often per run: fan-out workers of one run commit
 #: concurrently, and each heartbeat locks the run's row until its transaction commits.
 HEARTBEAT_MIN_INTERVAL = dt.timedelta(seconds=30)
@@ -160,9 +169,9 @@ def start_run(
         sa.insert(runs)
         .values(
             kind=kind,
-            source=source,
-            parameters=dict(parameters or {}),
-            selection_policy=dict(selection_policy or {}),
+            source=None if source is None else clean_text(str(source), TEXT_LIMITS["text"]),
+            parameters=clean_json(dict(parameters or {}), max_items=_UNLIMITED),
+            selection_policy=clean_json(dict(selection_policy or {}), max_items=_UNLIMITED),
             model_id=model_id,
             status="running",
             started_at=started_at or now,
@@ -278,11 +287,15 @@ def finish_run(
 ) -> None:
     """Close a running run with its counts (files_seen, predicted, skipped, failed).
 
-    A ``completed`` run must conserve files: files_seen == predicted + skipped + failed. A run
-    marked ``abandoned`` that turns out to be alive may close itself too.
+    ``status``: completed, failed or interrupted (``interrupt_run`` words the error of the
+    last). A ``completed`` run must conserve files: files_seen == predicted + skipped + failed.
+    A run marked ``abandoned`` that turns out to be alive may close itself too. Call it after
+    the run's last shard committed, with the committed shards' counts.
     """
-    if status not in ("completed", "failed"):
-        raise ValueError(f"a run finishes as 'completed' or 'failed', not {status!r}")
+    if status not in CLOSING_STATUSES:
+        raise ValueError(
+            f"a run finishes as {', '.join(map(repr, CLOSING_STATUSES))}, not {status!r}"
+        )
     values = _run_counts(run_id, status, counts)
     runs = Run.__table__
     current = session.execute(
@@ -297,9 +310,37 @@ def finish_run(
         sa.update(runs)
         .where(runs.c.run_id == run_id)
         .values(
-            status=status, finished_at=finished_at or now, error=error, heartbeat_at=now, **values
+            status=status,
+            finished_at=finished_at or now,
+            error=None if error is None else clean_text(str(error), TEXT_LIMITS["text"]),
+            heartbeat_at=now,
+            **values,
         )
     )
+
+
+def interrupt_run(
+    session: Session,
+    run_id: int,
+    counts: Mapping[str, int],
+    signal_name: str = "a signal",
+    *,
+    finished_at: dt.datetime | None = None,
+) -> str:
+    """Close a run stopped by SIGINT or SIGTERM as ``interrupted``; returns the error recorded.
+
+    Call it once the shard being written has committed or rolled back, with the counts of the
+    committed shards (every file of those in exactly one outcome, so files_seen must equal
+    predicted + skipped + failed): the run's counts then equal its committed rows. Re-running
+    the same command finishes the job (the committed files are skipped as already predicted).
+    """
+    values = _run_counts(run_id, "completed", counts)  # the same conservation rule
+    error = (
+        f"interrupted by {signal_name} after {values['files_seen']} files in committed shards "
+        "(nothing after them was stored); run the same command again to finish the job"
+    )
+    finish_run(session, run_id, "interrupted", values, error, finished_at=finished_at)
+    return error
 
 
 def _run_counts(run_id: int, status: str, counts: Mapping[str, int]) -> dict[str, int]:

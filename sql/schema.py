@@ -26,7 +26,7 @@ NAMING_CONVENTION = {
 }
 
 RUN_KINDS = ("nightly", "reprocess", "train", "demo")
-RUN_STATUSES = ("running", "completed", "failed", "abandoned")
+RUN_STATUSES = ("running", "completed", "failed", "abandoned", "interrupted")
 OUTCOMES = ("predicted", "skipped", "failed")
 DECISIONS = ("agree", "disagree", "uncertain")
 AGGREGATIONS = ("max", "mean")
@@ -117,6 +117,10 @@ class Model(Base):
 class Run(Base):
     """One pipeline run (nightly, reprocess, train, demo) and its outcome counts.
 
+    ``status``: running, then completed, failed or interrupted (stopped by SIGINT or SIGTERM:
+    its counts are those of the shards it committed); abandoned when it stopped giving signs
+    of life (revision 0006 added ``interrupted``).
+
     ``heartbeat_at`` is the run's last sign of life: set when it starts and refreshed by every
     shard it commits (in the shard's transaction). A ``running`` run whose heartbeat is older
     than ``sql.runs.STALE_RUN_AFTER`` when another run starts is marked ``abandoned`` (its
@@ -173,7 +177,11 @@ class Study(Base):
 
 
 class Instance(Base):
-    """One SOP instance (image) with its header facts and the hash of its file's bytes."""
+    """One SOP instance (image) with its header facts, the hash of its first file's bytes and
+    its content fingerprints (revision 0006): ``pixel_fingerprint`` hashes the decoded native
+    pixels and the attributes that give them their meaning, ``codestream_fingerprint`` the
+    compressed frames and those attributes (files decoded at reduced resolution). A copy of the
+    instance in another encoding has the same pixel fingerprint (see ``sql.shards``)."""
 
     __tablename__ = "instances"
 
@@ -197,6 +205,8 @@ class Instance(Base):
     source_uri: Mapped[str]  # where it was first seen
     first_seen_run_id: Mapped[int | None]  # references runs.run_id (checked by the writer)
     created_at: Mapped[dt.datetime] = mapped_column(server_default=sa.func.now())
+    pixel_fingerprint: Mapped[str | None]  # 0006
+    codestream_fingerprint: Mapped[str | None]  # 0006
 
 
 class FileOutcome(Base):
@@ -220,6 +230,8 @@ class FileOutcome(Base):
     thumbnail_path: Mapped[str | None]
     run_id: Mapped[int] = mapped_column(index=True)  # references runs.run_id
     updated_at: Mapped[dt.datetime]
+    pixel_fingerprint: Mapped[str | None]  # the file's content fingerprints (0006)
+    codestream_fingerprint: Mapped[str | None]
 
 
 class ImagePrediction(Base):

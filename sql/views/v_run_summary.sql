@@ -1,7 +1,9 @@
 -- One row per run. For a completed run files_seen = predicted + skipped + failed.
--- status: running, completed, failed, or abandoned (a run that stopped giving signs of life:
--- its process was killed; error says when and which run noticed). heartbeat_at: the run's
--- last sign of life (its start, then each committed shard).
+-- status: running, completed, failed, interrupted (stopped by SIGINT or SIGTERM: its counts are
+-- those of the shards it committed before it stopped; run the same command again to finish),
+-- or abandoned (a run that stopped giving signs of life: its process was killed; error says
+-- when and which run noticed). heartbeat_at: the run's last sign of life (its start, then
+-- each committed shard).
 -- Contract columns: run_id, kind, source, started_at, finished_at, status, files_seen,
 -- predicted, skipped, failed.
 CREATE VIEW v_run_summary AS

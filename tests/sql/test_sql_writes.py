@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections import Counter
 
 import pytest
@@ -18,6 +19,7 @@ from conftest import (
 )
 
 from sql import integrity, predictions, reviews, runs, shards, upsert
+from sql import rows as row_checks
 from sql.schema import Model, Run
 
 
@@ -247,10 +249,11 @@ def test_uid_conflict_inside_one_shard(Session, engine, model_run):
     shard = Shard()
     file_entry(shard, 0, score=0.2, uri="file:///x/first.dcm")
     file_entry(shard, 0, score=0.7, uri="file:///x/second.dcm", content="different")
-    file_entry(shard, 0, score=0.2, uri="file:///x/copy-of-first.dcm")  # same bytes: fine
+    file_entry(shard, 0, score=0.2, uri="file:///x/copy-of-first.dcm")  # same bytes: a copy
     result = write(Session, run_id, model_id, shard)
-    assert result.outcome_counts == {"predicted": 2, "skipped": 0, "failed": 1}
+    assert result.outcome_counts == {"predicted": 1, "skipped": 1, "failed": 1}
     assert [c["new_source_uri"] for c in result.conflicts] == ["file:///x/second.dcm"]
+    assert [d["source_uri"] for d in result.duplicates] == ["file:///x/copy-of-first.dcm"]
     assert count(engine, "instances") == 1
     assert count(engine, "image_predictions") == 1
 
@@ -264,34 +267,73 @@ def test_two_copies_of_one_image_are_one_prediction_and_two_outcomes(Session, en
     assert count(engine, "image_predictions") == 1
     assert count(engine, "file_outcomes") == 2
     assert count(engine, "uid_conflicts") == 0
+    with engine.connect() as conn:
+        rows = dict(conn.execute(sa.text("SELECT source_uri, outcome FROM file_outcomes")).all())
+    assert rows == {"file:///x/a.dcm": "predicted", "file:///x/b.dcm": "skipped"}
 
 
+# Each mutation breaks one file (file 0, or file 1 where the index says so); the others are
+# stored, and the broken one is recorded failed with a reason that says why.
 INVALID = [
-    (lambda s: s.instances[0].update(patient_name="DOE^JANE"), "unknown key.*patient_name"),
-    (lambda s: s.instances[0].update(content_sha256="abc"), "content_sha256"),
-    (lambda s: s.instances[0].update(study_date="2024-13-45"), r"\(0008,0020\)"),
-    (lambda s: s.instances[0].update(rows="many"), "rows of .* must be an integer"),
-    (lambda s: s.outcomes[1].update(reason=None), "'skipped' of .* needs a reason"),
-    (lambda s: s.outcomes[0].update(outcome="done"), "'done' of .* is not one of"),
-    (lambda s: s.predictions[0].update(score=1.5), r"score of .* in \[0, 1\]"),
-    (lambda s: s.predictions[0].update(score=float("nan")), r"in \[0, 1\]"),
-    (lambda s: s.predictions[0].update(label=1), "label of .* must be a bool"),
-    (lambda s: s.predictions.pop(0), "has no prediction"),
-    (lambda s: s.instances.pop(0), "has no instance"),
-    (lambda s: s.outcomes.append(dict(s.outcomes[0])), "appears twice"),
+    (lambda s: s.instances[0].update(patient_name="DOE^JANE"), "unknown key.*patient_name", 0),
+    (lambda s: s.instances[0].update(content_sha256="abc"), "content_sha256", 0),
+    (lambda s: s.instances[0].update(study_date="2024-13-45"), r"\(0008,0020\)", 0),
+    (lambda s: s.instances[0].update(rows="many"), r"instances.rows \(\(0028,0010\) 'Rows'\)", 0),
+    (lambda s: s.instances[0].update(rows=2**40), r"integer from -2147483648 to 2147483647", 0),
+    (lambda s: s.instances[0].update(modality=["CR", "DX"]), "must be text, got a list", 0),
+    (lambda s: s.outcomes[1].update(reason=None), "'skipped' of .* needs a reason", 1),
+    (lambda s: s.outcomes[0].update(outcome="done"), "'done' of .* is not one of", 0),
+    (lambda s: s.predictions[0].update(score=1.5), r"score of .* in \[0, 1\]", 0),
+    (lambda s: s.predictions[0].update(score=float("nan")), r"in \[0, 1\]", 0),
+    (lambda s: s.predictions[0].update(label=1), "label of .* must be a bool", 0),
+    (lambda s: s.predictions.pop(0), "has no prediction", 0),
+    (lambda s: s.instances.pop(0), "has no instance", 0),
+    (lambda s: s.outcomes.append(dict(s.outcomes[0])), "appears twice", 0),
 ]
 
 
-def test_invalid_shards_are_refused_with_the_reason(Session, engine, model_run):
+def test_the_row_checks_refuse_bad_values_with_the_reason():
+    for mutate, message, _ in INVALID[:6]:
+        shard = Shard()
+        file_entry(shard, 0)
+        mutate(shard)
+        with pytest.raises(ValueError, match=message):
+            row_checks.instance_rows(shard.instances)
+    shard = Shard()
+    file_entry(shard, 0)
+    shard.outcomes[0]["facts"] = {"window": {"nested": {"Patient_Name": "x"}}}
+    with pytest.raises(row_checks.RowValueError, match="'Patient_Name'") as raised:
+        row_checks.outcome_rows(shard.outcomes)
+    assert raised.value.column == "file_outcomes.facts" and "x" not in raised.value.rule
+
+
+def test_a_file_with_bad_values_is_failed_and_the_rest_of_the_shard_stored(
+    Session, engine, model_run
+):
     model_id, run_id = model_run
-    for mutate, message in INVALID:  # one database for all cases: they are many
+    for mutate, message, broken in INVALID:  # one database for all cases: they are many
+        with engine.begin() as conn:
+            for table in ("study_predictions", "file_outcomes", "image_predictions", "instances"):
+                conn.execute(sa.text(f"DELETE FROM {table}"))
         shard = Shard()
         file_entry(shard, 0)
         file_entry(shard, 1, outcome="skipped")
+        file_entry(shard, 2, score=0.3)
         mutate(shard)
-        with pytest.raises(ValueError, match=message), Session.begin() as session:
-            shards.write_shard(session, run_id=run_id, model_id=model_id, **shard.kwargs())
-        assert count(engine, "instances") == 0, f"{message}: the transaction did not roll back"
+        result = write(Session, run_id, model_id, shard)
+        uri = f"file:///data/in/{broken:06d}.dcm"
+        assert [r["source_uri"] for r in result.refused] == [uri], message
+        assert re.search(message, result.refused[0]["reason"]), result.refused[0]["reason"]
+        assert result.refused[0]["reason"].startswith("not stored: the results database refused")
+        assert sum(result.outcome_counts.values()) == 3, message
+        assert result.outcome_counts["failed"] == 1, message
+        with engine.connect() as conn:
+            outcomes = dict(
+                conn.execute(sa.text("SELECT source_uri, outcome FROM file_outcomes")).all()
+            )
+        assert outcomes[uri] == "failed", message
+        assert outcomes["file:///data/in/000002.dcm"] == "predicted", message
+        assert len(outcomes) == 3, message
 
 
 def test_write_shard_checks_the_model_and_run_exist(Session, model_run):
