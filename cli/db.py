@@ -24,7 +24,7 @@ def upgrade_command(
 
     url = get_settings(database_url=db).database_url
     with exit_on_error():
-        engine = connect(url)
+        engine = connect(url, repair=True)  # also recreates missing or altered views
         if reviewer_role:
             apply_reviewer_role(engine)
     console.print(
