@@ -191,7 +191,7 @@ def timed(
     client: httpx.Client, path: str, repeat: int
 ) -> tuple[float, float, float, httpx.Response]:
     """Median server time (its Server-Timing header), its 95th percentile, and the median
-    round trip seen by the client (which adds loopback HTTP: ~40 ms of TCP delayed ACK here)."""
+    round trip seen by the client over loopback HTTP."""
     client.get(path)  # warm
     server, trip = [], []
     answer = None
