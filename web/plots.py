@@ -43,9 +43,9 @@ def _frame(labels: Sequence[str], top: float, top_label: str, title: str) -> lis
         f'<text x="{PAD_LEFT - 4}" y="{_y(0, top) + 4:.1f}" text-anchor="end" '
         'font-size="10" fill="#555">0</text>',
     ]
-    step = max(1, n // 6)
+    step = max(1, -(-n // 6))  # at most six labels, the newest week always among them
     for i, label in enumerate(labels):
-        if i % step == 0 or i == n - 1:
+        if (n - 1 - i) % step == 0:
             parts.append(
                 f'<text x="{_x(i, n):.1f}" y="{HEIGHT - 4}" text-anchor="middle" font-size="9" '
                 f'fill="#555">{escape(label)}</text>'
@@ -80,9 +80,7 @@ def bars(
 def line(labels: Sequence[str], values: Sequence[float | None], title: str, unit: str) -> Markup:
     """A line with dots; gaps where a value is missing. ``unit`` labels the top of the axis."""
     present = [v for v in values if v is not None]
-    top = max([*present, 1e-9])
-    if unit == "%":
-        top = 1.0
+    top = 1.0 if unit == "%" else max([*present, 1.0])  # at least 1 unit tall
     parts = _frame(labels, top, f"{top * 100:.0f}%" if unit == "%" else f"{top:.3g} {unit}", title)
     n = len(labels)
     run: list[str] = []

@@ -35,7 +35,8 @@ def test_dashboard_per_model_version_and_week(bulk_site, client):
         )
     )
     assert set(sections) == {"bulk bulk-1", "bulk bulk-2"}
-    monday = dt.date.today() - dt.timedelta(days=dt.date.today().weekday())
+    today = dt.datetime.now(dt.UTC).date()  # weeks of the flag are UTC weeks
+    monday = today - dt.timedelta(days=today.weekday())
 
     def week_row(section: str) -> list[str]:
         body = sections[section].split("<tbody>")[1]
