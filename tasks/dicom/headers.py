@@ -48,6 +48,7 @@ import hmac
 import io
 import re
 import struct
+import warnings
 import zipfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -182,7 +183,10 @@ def read_header(src: InputFile, hmac_key: bytes) -> InstanceHeader:
         raise InputError(src.error)
     fp = src.open()  # InputError when it cannot be opened
     try:
-        with fp:
+        # pydicom warns with the offending value quoted (a UID holding a name, say); the
+        # reason this module gives says what is wrong without it
+        with fp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             size = src.size if src.size is not None else _size_of(fp)
             ds, has_preamble, guard = _parse(fp, size)
             return _header(src.uri, ds, has_preamble, guard, hmac_key)

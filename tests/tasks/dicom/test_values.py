@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -217,3 +218,99 @@ def test_shape_limits_can_be_stricter_not_looser(tmp_path):
         SelectionPolicy(max_aspect_ratio=10)
     with pytest.raises(ValueError, match="min_side should be an integer"):
         SelectionPolicy(min_side=True)
+
+
+# -- generated hostile values through header scan, selection and pixel path ------------------------
+
+TEXT_KEYWORDS = (
+    "AccessionNumber",
+    "Modality",
+    "BodyPartExamined",
+    "ViewPosition",
+    "PhotometricInterpretation",
+    "PresentationIntentType",
+    "SeriesDescription",
+    "VOILUTFunction",
+    "PresentationLUTShape",
+    "StudyDate",
+    "StudyInstanceUID",
+    "SOPClassUID",
+)
+NUMBER_KEYWORDS = ("WindowCenter", "WindowWidth", "RescaleSlope", "RescaleIntercept")
+HOSTILE_TEXT = st.text(
+    st.characters(blacklist_categories=("Cs",), max_codepoint=0x2FF), max_size=300
+) | st.sampled_from(["ACC\x00NUL", "\x00", "monochrome1", " CR ", "1.2.3.ZEBULON^Q", "x" * 5000])
+HOSTILE_NUMBER = st.sampled_from(
+    ["nan", "inf", "-inf", "1e308", "-1e308", "1e999", "0", "-0", "1e-320", "abc", "1\\2\\3", ""]
+) | st.floats(allow_nan=True, allow_infinity=True).map(lambda x: repr(x)[:16])
+
+
+def _hostile_file(tmp: Path, keyword: str, value: str) -> bytes | None:
+    import warnings
+
+    from pydicom.datadict import dictionary_VR
+    from pydicom.dataelem import DataElement
+    from pydicom.tag import Tag
+
+    from tasks.dicom import synth
+
+    ds, _ = synth._small_dataset(7)
+    raw = value.encode("latin-1", "replace")
+    if len(raw) % 2:
+        raw += b" "
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.add(DataElement(Tag(keyword), dictionary_VR(keyword), ""))  # placeholder
+        data = synth._bytes_of(ds)
+    # write the value's bytes in place of the empty placeholder: no validation on the way
+    tag = Tag(keyword)
+    head = tag.group.to_bytes(2, "little") + tag.element.to_bytes(2, "little")
+    head += dictionary_VR(keyword).encode()
+    at = data.find(head + b"\x00\x00")
+    if at < 0 or len(raw) > 0xFFFF:
+        return None
+    return data[: at + 6] + len(raw).to_bytes(2, "little") + raw + data[at + 8 :]
+
+
+@given(
+    st.one_of(
+        st.tuples(st.sampled_from(TEXT_KEYWORDS), HOSTILE_TEXT),
+        st.tuples(st.sampled_from(NUMBER_KEYWORDS), HOSTILE_NUMBER),
+    )
+)
+def test_hostile_values_end_in_an_outcome_and_storable_strings(tmp_path_factory, case):
+    """Whatever one header value holds: the header scan, the selection policy and the pixel
+    path end in a header or a reason (no other exception), and every string they keep is
+    storable in both databases; a planted name in a UID or free text is never kept."""
+    from model.spec import PreprocessSpec
+    from tasks.dicom.discovery import SourceFile
+    from tasks.dicom.outcomes import SkipReason
+
+    keyword, value = case
+    # codes and numbers may be quoted (escaped, capped); text, dates and UIDs never are
+    never_quoted = keyword in ("StudyDate", "StudyInstanceUID", "SOPClassUID", "SeriesDescription")
+    planted = "ZEBULON" if never_quoted else "\x00"
+    data = _hostile_file(tmp_path_factory.getbasetemp(), keyword, value)
+    if data is None:
+        return
+    src = SourceFile(uri="mem://x.dcm", path="", container="inline", data=data, size=len(data))
+    try:
+        h = read_header(src, KEY)
+    except (InputError, SkipReason) as exc:
+        assert db_safe(str(exc)) and planted not in str(exc)
+        return
+    for field_value in h.to_dict().values():
+        if isinstance(field_value, str):
+            assert db_safe(field_value) and len(field_value) <= 300
+    reason = select(h)
+    if reason is not None:
+        assert db_safe(reason) and len(reason) <= 400 and planted not in reason
+        return
+    try:
+        res = preprocess(data, PreprocessSpec())
+    except InputError as exc:
+        assert db_safe(str(exc)) and len(str(exc)) <= 1000 and planted not in str(exc)
+        return
+    text = json.dumps(res.facts, allow_nan=False)
+    assert "\\u0000" not in text and planted not in text
+    assert np.isfinite(res.image).all() and res.fingerprint.startswith(("px1:", "cs1:"))
