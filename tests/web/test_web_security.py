@@ -527,3 +527,19 @@ def test_headers_on_every_page(site, client):
     static = client.get("/static/app.css")
     assert static.status_code == 200 and "max-age" in static.headers["cache-control"]
     assert re.fullmatch(r'"[0-9a-f]+"', static.headers["etag"])
+
+
+def test_login_redirects_only_within_the_site(site):
+    for target, expected in (
+        ("/study/1.2.3?model_id=1", "/study/1.2.3?model_id=1"),
+        ("//evil.example/x", "/worklist"),
+        ("https://evil.example/", "/worklist"),
+        ("/\\evil.example", "/worklist"),
+        ("javascript:alert(1)", "/worklist"),
+    ):
+        with httpx.Client(base_url=site["url"]) as c:
+            token = csrf_of(c.get("/login").text)
+            data = {"username": REVIEWER, "password": PASSWORD, "csrf_token": token}
+            answer = c.post("/login", data={**data, "next": target})
+            assert answer.status_code == 303
+            assert answer.headers["location"] == expected, target
