@@ -241,11 +241,17 @@ def compare(
 
     ``new_source`` / ``stored_source``: the files (path, bytes...), needed only to convert a
     fingerprint to the other kind (see the module text). ``InputError`` from reading a source
-    propagates (the caller decides what a file that no longer reads means).
+    propagates (the caller decides what a file that no longer reads means). A stored value
+    that is not a fingerprint (the file hash earlier versions stored) gives "unknown";
+    ``new`` must be a fingerprint (``ValueError`` otherwise).
     """
     if stored == new:
         return Comparison(True, "same fingerprint")
-    ks, kn = kind(stored), kind(new)
+    kn = kind(new)
+    try:
+        ks = kind(stored)
+    except ValueError:  # e.g. the sha256 of the file's bytes that earlier versions stored
+        return Comparison(None, "the stored value is not a content fingerprint")
     if ks == kn == PIXELS:
         return Comparison(False, "different pixel values")
     if ks == PIXELS:  # the new file was decoded at reduced resolution

@@ -211,3 +211,9 @@ def test_kind_refuses_anything_else():
     for bad in ("", "px1", "sha256:" + "0" * 64, "px1:abc", "cs2:" + "0" * 64):
         with pytest.raises(ValueError, match="not a content fingerprint"):
             fp.kind(bad)
+    legacy = hashlib.sha256(b"the file's bytes").hexdigest()  # what earlier versions stored
+    assert fp.compare(legacy, "px1:" + "0" * 64) == fp.Comparison(
+        None, "the stored value is not a content fingerprint"
+    )
+    with pytest.raises(ValueError):
+        fp.compare("px1:" + "0" * 64, legacy)
