@@ -19,7 +19,14 @@ from sqlalchemy.orm import Session
 
 from sql.rows import check_probability
 from sql.runs import require_models_and_runs
-from sql.schema import AGGREGATIONS, ImagePrediction, Instance, Model, StudyPrediction
+from sql.schema import (
+    AGGREGATIONS,
+    FileOutcome,
+    ImagePrediction,
+    Instance,
+    Model,
+    StudyPrediction,
+)
 from sql.upsert import dialect_insert, member_of, on_conflict, upsert_rows, utc_now
 
 _STUDY_COLUMNS = [
@@ -176,4 +183,30 @@ def predicted_sop_uids(session: Session, model_id: int, sop_uids: Iterable[str])
                 sa.select(table.c.sop_instance_uid).where(table.c.model_id == model_id, where)
             ).scalars()
         )
+    return found
+
+
+def predicted_files(session: Session, model_id: int, files: Iterable[tuple[str, str]]) -> set[str]:
+    """The source URIs among ``files`` ((source_uri, sop_instance_uid) pairs) that this model
+    version already predicted *from that file*: their stored outcome is ``predicted`` for the
+    same SOP Instance UID. The planner skips these without decoding them; another file with a
+    predicted UID (a copy) is decoded and compared by content (``sql.shards``)."""
+    table = FileOutcome.__table__
+    wanted = dict(files)
+    found: set[str] = set()
+    for where in member_of(session, table.c.source_uri, wanted):
+        query = sa.select(table.c.source_uri, table.c.sop_instance_uid).where(
+            table.c.model_id == model_id, table.c.outcome == "predicted", where
+        )
+        found.update(uri for uri, uid in session.execute(query) if wanted.get(uri) == uid)
+    return found
+
+
+def stored_uids(session: Session, sop_uids: Iterable[str]) -> set[str]:
+    """The subset of ``sop_uids`` stored as instances (by any run or model version): a file
+    with such a UID may be a copy, worth both content fingerprints (``sql.shards``)."""
+    table = Instance.__table__
+    found: set[str] = set()
+    for where in member_of(session, table.c.sop_instance_uid, sop_uids):
+        found.update(session.execute(sa.select(table.c.sop_instance_uid).where(where)).scalars())
     return found

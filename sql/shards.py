@@ -531,16 +531,17 @@ def _image_prediction_rows(
             )
         earlier = held.get(uid)
         if uid in kept or (earlier is not None and uri not in earlier.sources):
+            # The run that wrote the prediction, by number also when it is this one: the
+            # reason stays the same when the copy is screened again later (rows unchanged).
             if uid in kept:
-                where, source = "in this run", kept_from[uid]
+                by, source = run_id, kept_from[uid]
             else:
-                where = "in this run" if earlier.run_id == run_id else f"in run {earlier.run_id}"
-                source = _source_of(earlier, stored[uid])
+                by, source = earlier.run_id, _source_of(earlier, stored[uid])
             duplicates[uri] = (
                 uid,
-                f"duplicate: SOP Instance UID {uid} was already predicted {where} from {source}, "
-                f"and this copy has the same content ({bases.get(uri, 'same bytes')}); "
-                "not predicted again",
+                f"duplicate: SOP Instance UID {uid} was already predicted in run {by} from "
+                f"{source}, and this copy has the same content "
+                f"({bases.get(uri, 'same bytes')}); not predicted again",
             )
             continue
         study = row.get("study_instance_uid") or stored[uid]["study_instance_uid"]

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from model.spec import PreprocessSpec
+from tasks.dicom import fingerprint
 from tasks.dicom.discovery import DEFAULT_LIMITS, ArchiveLimits, SourceFile, discover
 from tasks.dicom.headers import InstanceHeader, read_header
 from tasks.dicom.outcomes import InputError, Outcome, SkipReason
@@ -113,9 +114,18 @@ def shards(items: Iterable[ScanItem], size: int) -> Iterator[list[ScanItem]]:
         yield chunk
 
 
+THUMBNAIL_SIZE = 256  # px, the longer side of a stored thumbnail
+
+
 @dataclass
 class Decoded:
-    """The result of decoding one selected file (in a worker process)."""
+    """The result of decoding one selected file (in a worker process).
+
+    ``content_sha256`` hashes the file's bytes; the content fingerprints identify the image
+    whatever its encoding (``tasks.dicom.fingerprint``): ``pixel_fingerprint`` (``px1``) when
+    the full-resolution values were decoded, ``codestream_fingerprint`` (``cs1``) when the pixel
+    path decoded at reduced resolution, and both when ``decode_item`` was asked for them.
+    """
 
     uri: str
     image: np.ndarray | None = None  # float32 (C, H, W) when decoded
@@ -123,6 +133,16 @@ class Decoded:
     facts: dict[str, Any] = field(default_factory=dict)
     thumbnail_path: str | None = None
     error: str | None = None
+    pixel_fingerprint: str | None = None
+    codestream_fingerprint: str | None = None
+
+    def fingerprints(self) -> dict[str, str]:
+        """The fingerprints known, as ``sql.rows.INSTANCE_KEYS`` names them."""
+        known = {
+            "pixel_fingerprint": self.pixel_fingerprint,
+            "codestream_fingerprint": self.codestream_fingerprint,
+        }
+        return {k: v for k, v in known.items() if v}
 
 
 def thumbnail_path_for(thumbnails_dir: str | Path, sop_instance_uid: str) -> Path:
@@ -137,10 +157,15 @@ def decode_item(
     spec_dict: dict[str, Any],
     reduced: bool = True,
     thumbnails_dir: str | None = None,
-    thumbnail_size: int = 256,
+    thumbnail_size: int = THUMBNAIL_SIZE,
+    both_fingerprints: bool = False,
 ) -> Decoded:
     """Read, hash and preprocess one selected file; a failure is returned, never raised.
 
+    ``both_fingerprints``: also compute the content fingerprint of the other kind (a full
+    decode for a file the pixel path decoded at reduced resolution; the codestream's hash for
+    an encapsulated file it decoded fully), for a file whose SOP Instance UID was seen before
+    (the planner asks): the stored copy can then be compared whichever kind it has.
     Module-level and picklable so that a spawn-context process pool can run it.
     """
     spec = PreprocessSpec.from_dict(spec_dict)
@@ -171,7 +196,31 @@ def decode_item(
             thumb = str(path)
         except OSError as exc:
             pre.facts["thumbnail_error"] = f"could not write the thumbnail: {exc.strerror or exc}"
-    return Decoded(src.uri, pre.image, digest, pre.facts, thumb)
+    decoded = Decoded(src.uri, pre.image, digest, pre.facts, thumb)
+    _set_fingerprints(decoded, pre.fingerprint, data if both_fingerprints else None)
+    return decoded
+
+
+def _set_fingerprints(decoded: Decoded, known: str, data: bytes | None) -> None:
+    """The pixel path's fingerprint in its field; with ``data``, the other kind too (a failure
+    to compute it is a fact, not a failure of the file: the first kind is still known)."""
+    if known.startswith(f"{fingerprint.PIXELS}:"):
+        decoded.pixel_fingerprint = known
+    elif known.startswith(f"{fingerprint.CODESTREAM}:"):
+        decoded.codestream_fingerprint = known
+    if data is None:
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if decoded.pixel_fingerprint is None:
+                decoded.pixel_fingerprint = fingerprint.pixel_fingerprint(data)
+            elif decoded.codestream_fingerprint is None:
+                decoded.codestream_fingerprint = fingerprint.codestream_fingerprint(data)
+    except InputError as exc:
+        decoded.facts["fingerprint_error"] = f"the other content fingerprint failed: {exc}"
+    except MemoryError:
+        decoded.facts["fingerprint_error"] = "out of memory computing the full fingerprint"
 
 
 def estimate_total(sources: Iterable[str | Path]) -> int | None:

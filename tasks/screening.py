@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,12 @@ from tasks import decode_pool
 from tasks.decode_pool import DecodeJob, DecodePool, default_workers
 from tasks.dicom.headers import InstanceHeader
 from tasks.dicom.outcomes import Outcome
-from tasks.ingest import NO_HEADER_REASON, Decoded, ScanItem
+from tasks.ingest import NO_HEADER_REASON, THUMBNAIL_SIZE, Decoded, ScanItem
+from tasks.interrupts import held, signal_name
+
+#: Shards whose UIDs ``ShardProcessor.submit`` remembers: the writes of the shards just before
+#: may not have committed when a shard is planned, so the database cannot tell of them yet.
+RECENT_SHARDS = 2
 
 
 @dataclass
@@ -146,6 +151,8 @@ class ShardProcessor:
         self.spec_sha256 = checkpoint.preprocessing.sha256
         self._pool: DecodePool | None = None
         self._threads_before: int | None = None
+        # The UIDs of the shards submitted just before (their writes may be in flight).
+        self._recent_uids: deque[frozenset[str]] = deque(maxlen=RECENT_SHARDS)
 
     def __enter__(self) -> ShardProcessor:
         self._pool = DecodePool(self.workers)
@@ -167,14 +174,18 @@ class ShardProcessor:
             raise RuntimeError("the shard processor is not open: use it in a `with` block")
         return self._pool
 
-    def submit(self, items: list[ScanItem], skip_uids: set[str] = frozenset()) -> PendingShard:
+    def submit(self, items: list[ScanItem], skip: ShardPlan | None = None) -> PendingShard:
         """Classify a shard's files and start decoding the selected ones in the pool.
 
         Returns at once, so that the caller can infer and persist the previous shard while
-        the workers decode this one. ``skip_uids``: SOP Instance UIDs this model version
-        already predicted; those files are counted as skipped in the run and their stored
-        rows are left untouched.
+        the workers decode this one. ``skip`` (``plan_skips``): the source files this model
+        version already predicted from those very files; they are counted as skipped in the
+        run and their stored rows are left untouched. A file whose SOP Instance UID may have
+        been seen before (stored, twice in this shard, or in the shards just before it, whose
+        writes may not have committed yet) is decoded with both content fingerprints, so that
+        the writer can compare it with the other copy whatever kind that one has.
         """
+        skip = skip if skip is not None else ShardPlan()
         rows = ShardRows()
         todo: list[tuple[ScanItem, InstanceHeader]] = []
         for item in items:
@@ -182,13 +193,25 @@ class ShardProcessor:
                 rows.add(item, item.outcome, item.reason)
             elif item.header is None:  # scan_file never leaves a selected file without one
                 rows.add(item, Outcome.FAILED, NO_HEADER_REASON)
-            elif item.header.sop_instance_uid in skip_uids:
+            elif item.uri in skip:
                 rows.already_done += 1
                 rows.reasons[already_predicted_reason(self.checkpoint)] += 1
             else:
                 todo.append((item, item.header))
+        uids = [h.sop_instance_uid for _, h in todo]
+        seen = skip.seen_uids | {u for u, n in Counter(uids).items() if n > 1}
+        seen |= set().union(*self._recent_uids)
+        self._recent_uids.append(frozenset(uids))
         args = [
-            (item.source, h.sop_instance_uid, self.spec_dict, self.reduced, self.thumbnails_dir)
+            (
+                item.source,
+                h.sop_instance_uid,
+                self.spec_dict,
+                self.reduced,
+                self.thumbnails_dir,
+                THUMBNAIL_SIZE,
+                h.sop_instance_uid in seen,
+            )
             for item, h in todo
         ]
         return PendingShard(rows, todo, self.pool.start(args), time.perf_counter())
@@ -211,7 +234,8 @@ class ShardProcessor:
         rows.infer_seconds = time.perf_counter() - started
         threshold = float(self.checkpoint.threshold)
         for (item, h, dec), score in zip(ready, scores, strict=True):
-            rows.instances.append(header_instance(item.uri, h, dec.content_sha256 or ""))
+            instance = header_instance(item.uri, h, dec.content_sha256 or "")
+            rows.instances.append(instance | dec.fingerprints())
             rows.add(
                 item,
                 Outcome.PREDICTED,
@@ -233,9 +257,9 @@ class ShardProcessor:
             )
         return rows
 
-    def process(self, items: list[ScanItem], skip_uids: set[str] = frozenset()) -> ShardRows:
+    def process(self, items: list[ScanItem], skip: ShardPlan | None = None) -> ShardRows:
         """Outcome rows for every file of the shard and predictions for the selected ones."""
-        return self.collect(self.submit(items, skip_uids))
+        return self.collect(self.submit(items, skip))
 
 
 def limit_inference_threads(predictor: Predictor, workers: int) -> int | None:
@@ -297,9 +321,9 @@ def open_run(
     (``persist_shard``) is the run's heartbeat.
     """
     sessions = session_factory(engine)
-    with sessions.begin() as session:
+    with held(), sessions.begin() as session:
         model_id = runs.register_model(session, checkpoint.metadata(), checkpoint.sha256 or "")
-    with sessions.begin() as session:
+    with held(), sessions.begin() as session:
         run_id = runs.start_run(
             session,
             kind=kind,
@@ -313,26 +337,52 @@ def open_run(
     return RunContext.on(engine, checkpoint, model_id=model_id, run_id=run_id)
 
 
-def close_run(run: RunContext, counts: Counter, error: str | None = None) -> None:
-    """Record the run as completed, or as failed with ``error``, with its counts."""
-    status = "failed" if error else "completed"
+def close_run(
+    run: RunContext, counts: Counter, error: str | None = None, *, interrupted_by: int | None = None
+) -> str | None:
+    """Close the run with the counts of its committed shards: ``completed``, ``failed`` with
+    ``error``, or ``interrupted`` by the signal ``interrupted_by`` (SIGINT, SIGTERM). Call it
+    once the last shard has committed or rolled back (``ShardLoop.run`` returns or raises only
+    then), the same way for every ending: the run's counts then equal its committed rows.
+    Returns the error recorded. Stop signals are held while it writes."""
     full = {k: int(counts.get(k, 0)) for k in ("predicted", "skipped", "failed")}
     full["files_seen"] = sum(full.values())
-    with run.sessions.begin() as session:
-        runs.finish_run(session, run.run_id, status, full, error)
+    with held(), run.sessions.begin() as session:
+        if interrupted_by is not None:
+            return runs.interrupt_run(session, run.run_id, full, signal_name(interrupted_by))
+        runs.finish_run(session, run.run_id, "failed" if error else "completed", full, error)
+    return error
+
+
+class ShardPlan(frozenset):
+    """The planner's answer for a shard: the source URIs this model version already predicted
+    from those very files (the set itself: skipped without decoding), and ``seen_uids``, the
+    SOP Instance UIDs of the shard already stored as instances (a file with one may be a copy,
+    in another encoding, of an instance predicted from another file: it is decoded, and the
+    writer compares their content, ``sql.shards``)."""
+
+    seen_uids: frozenset[str]
+
+    def __new__(cls, skip: Iterable[str] = (), seen_uids: Iterable[str] = ()) -> ShardPlan:
+        plan = super().__new__(cls, skip)
+        plan.seen_uids = frozenset(seen_uids)
+        return plan
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ShardPlan, (tuple(self), tuple(self.seen_uids)))
 
 
 def plan_skips(
     readers: sessionmaker[Session], model_id: int, items: list[ScanItem], force: bool
-) -> set[str]:
-    """SOP Instance UIDs in ``items`` this model version already predicted (none with force)."""
-    if force:
-        return set()
-    uids = [it.header.sop_instance_uid for it in items if it.selected and it.header is not None]
-    if not uids:
-        return set()
+) -> ShardPlan:
+    """Which selected files of ``items`` this model version already predicted from the same
+    file (none with ``force``), and which of their UIDs are stored (``ShardPlan``)."""
+    files = [(it.uri, it.header.sop_instance_uid) for it in items if it.selected and it.header]
+    if not files:
+        return ShardPlan()
     with readers() as session:
-        return predictions.predicted_sop_uids(session, model_id, uids)
+        done = set() if force else predictions.predicted_files(session, model_id, files)
+        return ShardPlan(done, predictions.stored_uids(session, [uid for _, uid in files]))
 
 
 InTransaction = Callable[[Session, ShardRows, shards.ShardResult], None]

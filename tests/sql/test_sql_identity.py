@@ -74,7 +74,7 @@ def test_a_lossless_copy_in_the_same_shard_is_a_duplicate(Session, engine, model
     dup = outcome(engine, "file:///export/implicit.dcm")
     assert dup["outcome"] == "skipped"
     assert dup["reason"] == (
-        f"duplicate: SOP Instance UID {UID} was already predicted in this run from "
+        f"duplicate: SOP Instance UID {UID} was already predicted in run {run_id} from "
         "file:///pacs/original.dcm, and this copy has the same content (pixel fingerprint); "
         "not predicted again"
     )
@@ -92,7 +92,7 @@ def test_across_shards_runs_and_sources(Session, engine, model_run):
     write(Session, run_id, model_id, first)
     write(Session, run_id, model_id, second)  # a later shard of the same run
     assert (
-        "predicted in this run from file:///pacs/original.dcm"
+        f"predicted in run {run_id} from file:///pacs/original.dcm"
         in (outcome(engine, "file:///export/jpegls.dcm")["reason"])
     )
 
@@ -201,7 +201,7 @@ def test_rewriting_the_predicted_file_is_not_a_duplicate_of_itself(Session, engi
         stored = conn.execute(sa.text("SELECT score, run_id FROM image_predictions")).one()
     assert tuple(stored) == (0.8, forced)
     reason = outcome(engine, "file:///export/implicit.dcm")["reason"]
-    assert "predicted in this run from file:///pacs/original.dcm" in reason
+    assert f"predicted in run {forced} from file:///pacs/original.dcm" in reason
 
 
 def test_another_model_version_predicts_the_first_copy_it_sees(Session, engine, model_run):
