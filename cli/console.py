@@ -70,6 +70,7 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     for module, name in (
         ("model.checkpoint", "CheckpointError"),
         ("tasks.training_data", "TrainingDataError"),
+        ("sql.db", "SchemaMismatch"),
     ):
         kind = getattr(sys.modules.get(module), name, None)
         if isinstance(kind, type):

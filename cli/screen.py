@@ -9,6 +9,7 @@ the quiet logging settings are in place before Prefect configures itself.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,7 @@ import typer
 from cli.console import exit_on_error, run_with_progress
 from cli.publish import check_write_back, report_run
 from cli.server import prefect_ready
+from cli.stopping import stop_on_signals
 
 WORKERS_HELP = (
     "Decode processes (0: in-process; default: one per core with a GPU, on the CPU the cores "
@@ -46,26 +48,32 @@ def screen_command(
     write_back: Annotated[str | None, typer.Option("--write-back", help=WRITE_BACK_HELP)] = None,
 ) -> None:
     """Screen DICOM sources with a model version and write the results to the database."""
-    check_write_back(write_back)
-    database_via_settings(db)
-    with exit_on_error(), prefect_ready():
-        from flows.parameters import ScreenParameters
-        from flows.screen import screen
-    summary = run_with_progress(
-        screen,
-        sources=[str(s) for s in sources],
-        model=str(model) if model else None,
-        params=ScreenParameters(
-            force=force,
-            shard_size=shard_size,
-            workers=workers,
-            batch_size=batch_size,
-            device=device,
-            reduced=not full_decode,
-            kind=kind,
-        ),
-    )
-    report_run(summary, write_back, db, as_json)
+    with stop_on_signals():
+        with exit_on_error():
+            device = check_options(sources, model, device, kind)
+        check_write_back(write_back)
+        database_via_settings(db)
+        with exit_on_error(), prefect_ready():
+            from flows.parameters import ScreenParameters
+            from flows.screen import check_device, screen
+
+            check_device(device)  # torch is imported by now; the server is still booting
+            check_database()
+        summary = run_with_progress(
+            screen,
+            sources=[str(s) for s in sources],
+            model=str(model) if model else None,
+            params=ScreenParameters(
+                force=force,
+                shard_size=shard_size,
+                workers=workers,
+                batch_size=batch_size,
+                device=device,
+                reduced=not full_decode,
+                kind=kind,
+            ),
+        )
+        report_run(summary, write_back, db, as_json)
 
 
 def nightly_command(
@@ -79,17 +87,63 @@ def nightly_command(
     write_back: Annotated[str | None, typer.Option("--write-back", help=WRITE_BACK_HELP)] = None,
 ) -> None:
     """Run the nightly job once now: files that arrived since the last successful night."""
-    check_write_back(write_back)
-    database_via_settings(db)
-    with exit_on_error(), prefect_ready():
-        from flows.screen import nightly
-    summary = run_with_progress(
-        nightly,
-        drop_folder=str(drop_folder) if drop_folder else None,
-        model=str(model) if model else None,
-        device=device,
-    )
-    report_run(summary, write_back, db, as_json)
+    with stop_on_signals():
+        with exit_on_error():
+            device = check_options([drop_folder] if drop_folder else [], model, device)
+        check_write_back(write_back)
+        database_via_settings(db)
+        with exit_on_error(), prefect_ready():
+            from flows.screen import check_device, nightly
+
+            check_device(device)
+            check_database()
+        summary = run_with_progress(
+            nightly,
+            drop_folder=str(drop_folder) if drop_folder else None,
+            model=str(model) if model else None,
+            device=device,
+        )
+        report_run(summary, write_back, db, as_json)
+
+
+DEVICE_FORM = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_options(
+    sources: list[Path], model: Path | None, device: str | None, kind: str | None = None
+) -> str:
+    """What can be refused before anything starts (no server, no torch yet): the run kind,
+    the device's name, the sources and the model file. Returns the device to use (the
+    option, else the settings'); whether this machine has it is checked once torch is
+    imported (``flows.screen.check_device``), still before anything is recorded."""
+    from flows.errors import UserError
+    from flows.parameters import SCREEN_KINDS
+    from flows.settings import get_settings
+
+    if kind is not None and kind not in SCREEN_KINDS:
+        raise UserError(f"--kind {kind!r} is not a screening run's kind: {', '.join(SCREEN_KINDS)}")
+    settings = get_settings(device=device)
+    if not DEVICE_FORM.fullmatch(settings.device):
+        where = "--device" if device else "CXR_SCREEN_DEVICE"
+        raise UserError(f"{where} {settings.device!r} is not one of auto, cpu, cuda or cuda:N")
+    for source in sources:
+        if not source.exists():
+            raise UserError(f"source does not exist: {source}")
+    checkpoint = model or settings.model_path
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise UserError(f"checkpoint {str(checkpoint)!r} does not exist or is not a file")
+    return settings.device
+
+
+def check_database() -> None:
+    """The results database answers and has this version's schema, tables, columns and views
+    (``sql.db.connect`` migrates a new or older one and refuses one that differs, naming what
+    differs and what to run): checked once, while the Prefect server boots, so that an
+    unreachable or altered database is refused at once and before any run row is written."""
+    from flows.settings import get_settings
+    from sql.db import connect
+
+    connect(get_settings().database_url).dispose()
 
 
 def database_via_settings(db: str | None) -> None:

@@ -12,12 +12,18 @@ configured:
 - ``serve`` starts a **full** one (``temporary=False``): scheduler and UI on, on a chosen port.
 
 Either way it is one uvicorn process running ``prefect.server.api.server:create_app`` on a
-loopback port, in a session of its own (a terminal's Ctrl-C reaches only the command, which
-stops it in order), writing to ``$PREFECT_HOME/cxr-screen-server.log`` rather than the terminal
-(a start-up failure quotes that file's tail). It dies with the command: stopped at exit, and
-killed by the kernel if the command itself is killed (``PR_SET_PDEATHSIG``, see :func:`spawn`).
-When the kernel cannot be asked to do that, the server is not started at all: the command fails
-with the reason instead of risking an orphan server.
+loopback port (``cli/prefect_server.py``), writing to ``$PREFECT_HOME/cxr-screen-server.log``
+rather than the terminal (a start-up failure quotes that file's tail). It outlives the command's
+last call to it and no more:
+
+- it is deaf to SIGINT and SIGTERM (a session of its own, and both signals blocked), so that a
+  terminal's Ctrl-C, systemd stopping the unit's whole control group or a signal to the
+  command's process group stops the command's run in order while the server still answers;
+- the command stops it after its flows and Prefect's own exit work (closing the server's stdin
+  ends it gracefully; whatever is left after the grace period is SIGKILLed);
+- if the command itself is killed, the kernel SIGKILLs it (``PR_SET_PDEATHSIG``, see
+  :func:`spawn`). When the kernel cannot be asked to do that, the server is not started at
+  all: the command fails with the reason instead of risking an orphan server.
 
 At import, this module loads only the standard library (and ``flows.errors``): it must run
 before Prefect and torch load.
@@ -140,9 +146,14 @@ def _load_prctl() -> Callable[..., int]:
     return _prctl
 
 
-def spawn(argv: list[str], *, what: str, **popen: Any) -> subprocess.Popen:
-    """``subprocess.Popen(argv)`` in a session of its own that, on Linux, the kernel SIGTERMs
-    when this process dies, however it dies (``PR_SET_PDEATHSIG``).
+DEAF_TO = (signal.SIGINT, signal.SIGTERM)
+
+
+def spawn(argv: list[str], *, what: str, deaf: bool = False, **popen: Any) -> subprocess.Popen:
+    """``subprocess.Popen(argv)`` in a session of its own that, on Linux, the kernel signals
+    when this process dies, however it dies (``PR_SET_PDEATHSIG``): SIGTERM, or SIGKILL for a
+    ``deaf`` child, which starts with SIGINT and SIGTERM blocked (its owner stops it another
+    way; see ``cli/prefect_server.py``).
 
     Raises :class:`LocalServerError` naming ``what`` and the reason when the kernel refuses:
     a child that could outlive the command is not started.
@@ -154,9 +165,12 @@ def spawn(argv: list[str], *, what: str, **popen: Any) -> subprocess.Popen:
     prctl = _load_prctl()
     parent = os.getpid()
     read_end, write_end = os.pipe()
+    death_signal = signal.SIGKILL if deaf else signal.SIGTERM
 
     def die_with_parent() -> None:  # runs in the child, between fork and exec
-        if prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        if deaf:
+            signal.pthread_sigmask(signal.SIG_BLOCK, DEAF_TO)
+        if prctl(PR_SET_PDEATHSIG, death_signal) != 0:
             reason = os.strerror(ctypes.get_errno() or 0)
             os.write(write_end, f"PR_SET_PDEATHSIG failed: {reason}".encode())
             raise OSError(reason)
@@ -232,17 +246,17 @@ class LocalPrefectServer:
         env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         env.setdefault("DO_NOT_TRACK", "1")
         env.pop("PREFECT_API_URL", None)
-        argv = [sys.executable, "-m", "uvicorn", "--factory"]
-        argv += ["prefect.server.api.server:create_app", "--host", HOST, "--port", str(self.port)]
-        argv += ["--log-level", "error" if self.temporary else "warning", "--lifespan", "on"]
+        argv = [sys.executable, "-m", "cli.prefect_server", "--host", HOST]
+        argv += ["--port", str(self.port), "--log-level", "error" if self.temporary else "warning"]
         try:
             self.home.mkdir(parents=True, exist_ok=True)
             with self.log_path.open("wb" if self.temporary else "ab") as log:
                 self.process = spawn(
                     argv,
                     what=self.name,
+                    deaf=True,
                     env=env,
-                    stdin=subprocess.DEVNULL,
+                    stdin=subprocess.PIPE,  # its end of file stops the server
                     stdout=log,
                     stderr=subprocess.STDOUT,
                 )
@@ -284,10 +298,26 @@ class LocalPrefectServer:
         return self.process is not None and self.process.poll() is not None
 
     def stop(self, grace: float = 10.0, hurry: Callable[[], bool] = lambda: False) -> None:
-        """Stop the server (idempotent); Prefect's clients must be done with it."""
+        """Stop the server (idempotent); Prefect's clients must be done with it.
+
+        Closes the server's stdin (it then shuts down gracefully), waits up to ``grace``
+        seconds (less once ``hurry()`` says so), then SIGKILLs what is left of its process
+        group. A server that never became ready is killed at once: it holds nothing yet.
+        """
         if self.process is not None and not self._stopped:
             self._stopped = True
-            stop_process_group(self.process, grace, hurry)
+            if self.process.stdin is not None:
+                with contextlib.suppress(OSError):
+                    self.process.stdin.close()
+            if not self._ready:
+                grace = 0.0
+            deadline = time.monotonic() + grace
+            while self.process.poll() is None and time.monotonic() < deadline and not hurry():
+                time.sleep(0.02)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(10)
         if os.environ.get("PREFECT_API_URL") == self.api_url:
             del os.environ["PREFECT_API_URL"]
 

@@ -13,13 +13,15 @@ This module imports pydantic only, so that the CLI can build parameters before P
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_IN_FLIGHT_CAP = 64  # threads of the fan-out parent's task runner
 
 Aggregation = Literal["max", "mean"]
+ScreenKind = Literal["reprocess", "nightly", "demo"]
+SCREEN_KINDS: tuple[str, ...] = get_args(ScreenKind)  # the run kinds of a screening run
 
 
 class _Parameters(BaseModel):
@@ -37,7 +39,7 @@ class ScreenParameters(_Parameters):
     batch_size: int | None = Field(None, ge=1, description="Inference batch size")
     device: str | None = Field(None, description="auto, cpu or cuda (default: settings)")
     reduced: bool = Field(True, description="Decode at reduced resolution where the codec can")
-    kind: str = Field("reprocess", description="Run kind recorded with the run")
+    kind: ScreenKind = Field("reprocess", description="Run kind recorded with the run")
     aggregation: Aggregation = Field("max", description="Study score from its images' scores")
     newer_than: float | None = Field(
         None, description="Only files that arrived after this POSIX time (the nightly run's)"

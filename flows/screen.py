@@ -29,10 +29,12 @@ from flows.errors import UserError
 from flows.parameters import ScreenParameters
 from flows.progress import report
 from flows.settings import Settings, get_settings
+from model.predictor import resolve_device
 from tasks import prefect_tasks as t
 from tasks.dicom.selection import SelectionPolicy
 from tasks.ingest import estimate_total, scan, shards
-from tasks.screening import RunContext, ShardProcessor, ShardRows
+from tasks.interrupts import held, in_charge, note, signal_of
+from tasks.screening import RunContext, ShardProcessor, ShardRows, close_run
 from tasks.shard_loop import ShardLoop, ShardSteps, Tally
 
 DEFAULT_SCREEN = ScreenParameters()  # frozen: one instance serves every call
@@ -57,10 +59,11 @@ def screen(
         model: The checkpoint to screen with (default: CXR_SCREEN_MODEL_PATH).
         params: How to screen.
     """
-    settings = _settings(params)
-    model_path, policy = _check(sources, model, params, settings)
-    with t.database(settings.database_url) as engine:
-        return screen_on(engine, sources, model_path, policy, params, settings)
+    with in_charge():
+        settings = _settings(params)
+        model_path, policy = _check(sources, model, params, settings)
+        with t.database(settings.database_url) as engine:
+            return screen_on(engine, sources, model_path, policy, params, settings)
 
 
 @flow(name="nightly", description="Screen what arrived in the drop folder since the last success.")
@@ -78,19 +81,20 @@ def nightly(
         model: The checkpoint to screen with (default: CXR_SCREEN_MODEL_PATH).
         device: auto, cpu or cuda (default: CXR_SCREEN_DEVICE).
     """
-    params = ScreenParameters(device=device, kind="nightly")
-    settings = _settings(params)
-    folder = drop_folder or (str(settings.drop_folder) if settings.drop_folder else None)
-    if not folder:
-        raise ScreenError("no drop folder: pass --drop-folder or set CXR_SCREEN_DROP_FOLDER")
-    model_path, policy = _check([folder], model, params, settings)
-    name = f"nightly:{Path(folder).resolve()}"
-    with t.database(settings.database_url) as engine:
-        since = t.read_watermark(engine, name)
-        scan_started = datetime.now(UTC)
-        newer = params.model_copy(update={"newer_than": since.timestamp() if since else None})
-        summary = screen_on(engine, [folder], model_path, policy, newer, settings)
-        t.write_watermark(engine, name, scan_started, summary["run_id"])
+    with in_charge():
+        params = ScreenParameters(device=device, kind="nightly")
+        settings = _settings(params)
+        folder = drop_folder or (str(settings.drop_folder) if settings.drop_folder else None)
+        if not folder:
+            raise ScreenError("no drop folder: pass --drop-folder or set CXR_SCREEN_DROP_FOLDER")
+        model_path, policy = _check([folder], model, params, settings)
+        name = f"nightly:{Path(folder).resolve()}"
+        with t.database(settings.database_url) as engine:
+            since = t.read_watermark(engine, name)
+            scan_started = datetime.now(UTC)
+            newer = params.model_copy(update={"newer_than": since.timestamp() if since else None})
+            summary = screen_on(engine, [folder], model_path, policy, newer, settings)
+            t.write_watermark(engine, name, scan_started, summary["run_id"])
     create_markdown_artifact(
         f"Nightly run {summary['run_id']}: {summary['files_seen']} new files since "
         f"{since.isoformat() if since else 'the beginning'}; "
@@ -108,41 +112,85 @@ def screen_on(
     params: ScreenParameters,
     settings: Settings,
 ) -> dict[str, Any]:
-    """One screening run on the caller's engine: record it, run the shard loop, close it."""
+    """One screening run on the caller's engine: record it, run the shard loop, close it.
+
+    Everything that can refuse the run (the model, the device) is checked before the run row
+    is written. Whatever ends the run (its last shard, an error, SIGINT or SIGTERM), it is
+    closed in one place (:func:`_close`), after its last shard committed or rolled back,
+    with the counts of the shards that committed.
+    """
     checkpoint = t.load_model(model_path)
-    run = t.open_run(
-        engine,
+    processor = ShardProcessor(
         checkpoint,
-        kind=params.kind,
-        source=", ".join(str(s) for s in sources),
-        parameters=_recorded(params, settings, len(sources)),
-        selection_policy=policy.to_dict(),
-        prefect_flow_run_id=str(flow_run.id) if flow_run.id else None,
-        stale_after=settings.stale_run_after,
+        device=settings.device,
+        workers=settings.workers,
+        batch_size=settings.batch_size,
+        reduced=params.reduced,
+        thumbnails_dir=settings.thumbnails_dir,
     )
-    progress = _Progress(run.run_id, estimate_total(sources))
-    report("start", run_id=run.run_id, total=progress.total, model=checkpoint.version)
+    run: RunContext | None = None
     loop: ShardLoop | None = None
+    ending: BaseException | None = None
     try:
-        with ShardProcessor(
-            checkpoint,
-            device=settings.device,
-            workers=settings.workers,
-            batch_size=settings.batch_size,
-            reduced=params.reduced,
-            thumbnails_dir=settings.thumbnails_dir,
-        ) as processor:
+        with held():  # a stop while the run is recorded comes once its id is known
+            run = t.open_run(
+                engine,
+                checkpoint,
+                kind=params.kind,
+                source=", ".join(str(s) for s in sources),
+                parameters=_recorded(params, settings, len(sources)),
+                selection_policy=policy.to_dict(),
+                prefect_flow_run_id=str(flow_run.id) if flow_run.id else None,
+                stale_after=settings.stale_run_after,
+            )
+        progress = _Progress(run.run_id, estimate_total(sources))
+        report("start", run_id=run.run_id, total=progress.total, model=checkpoint.version)
+        with processor:
             steps = ShardSteps(run, processor, force=params.force, aggregation=params.aggregation)
             loop = ShardLoop(t.TaskSteps(steps), on_stored=progress.stored)
             items = scan(sources, settings.hmac_secret(), policy, newer_than=params.newer_than)
-            tally = loop.run(shards(items, settings.shard_size))
+            loop.run(shards(items, settings.shard_size))
     except BaseException as exc:
-        counts = loop.tally.counts if loop is not None else Counter()
-        t.close_run(run, counts, f"{type(exc).__name__}: {exc}")
+        ending = exc
         raise
-    t.close_run(run, tally.counts)
+    finally:
+        if run is not None:
+            _close(run, loop, ending)
     progress.done()
-    return _summary(run, tally)
+    return _summary(run, loop.tally)
+
+
+def _close(run: RunContext, loop: ShardLoop | None, ending: BaseException | None) -> None:
+    """Close the run, once its shard loop has settled: ``completed``, ``failed`` (``ending``
+    an error) or ``interrupted`` (``ending`` SIGINT or SIGTERM), with the counts of the shards
+    that committed. Stop signals are held meanwhile (a repeated Ctrl-C is ignored).
+
+    An interrupted run is closed with the plain function, not the task: no retries (a stop
+    must be quick) and no call to Prefect's API on the way. If even that fails, the run stays
+    ``running`` (marked ``abandoned`` later) and the interruption still ends the command.
+    """
+    tally = loop.tally if loop is not None else Tally()
+    shards_stored = loop.shards_stored if loop is not None else 0
+    signum = signal_of(ending)
+    with held():
+        if signum is None:
+            error = None if ending is None else f"{type(ending).__name__}: {ending}"
+            t.close_run(run, tally.counts, error)
+            return
+        note(signum)
+        try:
+            close_run(run, tally.counts, interrupted_by=signum)
+        except Exception as exc:
+            ending.add_note(f"run {run.run_id} could not be closed as interrupted: {exc}")
+            get_run_logger().error("run %d could not be closed as interrupted: %s", run.run_id, exc)
+        report(
+            "interrupted",
+            run_id=run.run_id,
+            signal=signum,
+            shards=shards_stored,
+            files=tally.files,
+            counts=dict(tally.counts),
+        )
 
 
 def _settings(params: ScreenParameters) -> Settings:
@@ -164,11 +212,31 @@ def _check(
     missing = [s for s in sources if not Path(s).exists()]
     if missing:
         raise ScreenError(f"source does not exist: {missing[0]}")
+    if not Path(model_path).is_file():
+        raise ScreenError(f"checkpoint {model_path!r} does not exist or is not a file")
+    check_device(settings.device)
     try:
         policy = SelectionPolicy.from_dict(params.selection) if params.selection else None
     except (TypeError, ValueError) as exc:
         raise ScreenError(f"the selection policy {params.selection} is invalid: {exc}") from None
     return model_path, policy or SelectionPolicy()
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine cannot run on (before anything is recorded)."""
+    import torch
+
+    try:
+        resolved = resolve_device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ScreenError(f"--device {device!r}: {exc}") from None
+    if resolved.type == "cuda" and resolved.index is not None:
+        count = torch.cuda.device_count()
+        if resolved.index >= count:
+            raise ScreenError(
+                f"--device {device!r}: this machine has {count} CUDA GPU(s) "
+                f"(cuda:0 to cuda:{count - 1})"
+            )
 
 
 def _recorded(params: ScreenParameters, settings: Settings, n_sources: int) -> dict[str, Any]:

@@ -14,8 +14,10 @@ its worker twice is *failed* with that reason, and every other file still decode
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -79,7 +81,7 @@ class DecodePool:
         return ProcessPoolExecutor(
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=init_worker,
+            initializer=_init_deaf_worker,
         )
 
     def _restart(self) -> ProcessPoolExecutor:
@@ -99,10 +101,11 @@ class DecodePool:
         if self._pool is None or not args:
             return DecodeJob(list(args), [])
         size = self.chunk_size(len(args))
-        chunks = [
-            (i, self._pool.submit(self._decode_chunk, args[i : i + size]))
-            for i in range(0, len(args), size)
-        ]
+        with _born_deaf():
+            chunks = [
+                (i, self._pool.submit(self._decode_chunk, args[i : i + size]))
+                for i in range(0, len(args), size)
+            ]
         return DecodeJob(list(args), chunks, self._pool)
 
     def results(self, job: DecodeJob) -> Iterator[Decoded]:
@@ -132,10 +135,40 @@ class DecodePool:
             if self._pool is None:
                 raise RuntimeError("the decode pool was closed while its files were decoding")
             try:
-                return self._pool.submit(self._decode, *a).result()
+                with _born_deaf():
+                    future = self._pool.submit(self._decode, *a)
+                return future.result()
             except BrokenProcessPool:
                 self._restart()
         return Decoded(a[0].uri, error=CRASH_REASON)
+
+
+# --- workers deaf to the signals that stop a run -------------------------------------------
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _born_deaf():
+    """Block SIGINT and SIGTERM in this thread while it may start worker processes (the pool
+    starts them on submit): they inherit the mask, so a Ctrl-C while they boot stays pending
+    until ``_init_deaf_worker`` ignores it. (The run's own handler still runs: Python handles
+    signals in the main thread whichever thread the kernel hands them to.)"""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _init_deaf_worker() -> None:
+    """A decode worker ignores SIGINT and SIGTERM: a terminal's Ctrl-C or a stop signal sent to
+    the whole process group is meant for the run, which stops its pool in order. (Left to
+    them, each worker would print a traceback, or die and look like a crashed decoder.)"""
+    for s in _STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    init_worker()
 
 
 # --- how many workers ------------------------------------------------------------------------

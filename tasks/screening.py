@@ -30,6 +30,7 @@ from tasks.decode_pool import DecodeJob, DecodePool, default_workers
 from tasks.dicom.headers import InstanceHeader
 from tasks.dicom.outcomes import Outcome
 from tasks.ingest import NO_HEADER_REASON, THUMBNAIL_SIZE, Decoded, ScanItem
+from tasks.interrupts import held, signal_name
 
 #: Shards whose UIDs ``ShardProcessor.submit`` remembers: the writes of the shards just before
 #: may not have committed when a shard is planned, so the database cannot tell of them yet.
@@ -320,9 +321,9 @@ def open_run(
     (``persist_shard``) is the run's heartbeat.
     """
     sessions = session_factory(engine)
-    with sessions.begin() as session:
+    with held(), sessions.begin() as session:
         model_id = runs.register_model(session, checkpoint.metadata(), checkpoint.sha256 or "")
-    with sessions.begin() as session:
+    with held(), sessions.begin() as session:
         run_id = runs.start_run(
             session,
             kind=kind,
@@ -336,13 +337,21 @@ def open_run(
     return RunContext.on(engine, checkpoint, model_id=model_id, run_id=run_id)
 
 
-def close_run(run: RunContext, counts: Counter, error: str | None = None) -> None:
-    """Record the run as completed, or as failed with ``error``, with its counts."""
-    status = "failed" if error else "completed"
+def close_run(
+    run: RunContext, counts: Counter, error: str | None = None, *, interrupted_by: int | None = None
+) -> str | None:
+    """Close the run with the counts of its committed shards: ``completed``, ``failed`` with
+    ``error``, or ``interrupted`` by the signal ``interrupted_by`` (SIGINT, SIGTERM). Call it
+    once the last shard has committed or rolled back (``ShardLoop.run`` returns or raises only
+    then), the same way for every ending: the run's counts then equal its committed rows.
+    Returns the error recorded. Stop signals are held while it writes."""
     full = {k: int(counts.get(k, 0)) for k in ("predicted", "skipped", "failed")}
     full["files_seen"] = sum(full.values())
-    with run.sessions.begin() as session:
-        runs.finish_run(session, run.run_id, status, full, error)
+    with held(), run.sessions.begin() as session:
+        if interrupted_by is not None:
+            return runs.interrupt_run(session, run.run_id, full, signal_name(interrupted_by))
+        runs.finish_run(session, run.run_id, "failed" if error else "completed", full, error)
+    return error
 
 
 class ShardPlan(frozenset):

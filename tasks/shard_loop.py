@@ -19,9 +19,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from tasks.ingest import ScanItem
+from tasks.interrupts import held, note, signal_of
 from tasks.screening import (
     InTransaction,
     PendingShard,
@@ -117,16 +118,24 @@ Stored = Callable[[ShardRows, Counter, Tally], None]
 
 class ShardLoop:
     """Runs ``steps`` over shards, double-buffered; ``tally`` holds what has been stored
-    (also after a failure, for the run's record)."""
+    (also after a failure or an interruption, for the run's record).
+
+    Whatever ends the loop (the last shard, an error, SIGINT or SIGTERM), it returns or raises
+    only once the write in flight has committed or rolled back: the caller then closes the run
+    with ``tally``, which counts exactly the shards that committed. The bookkeeping of a
+    commit and the hand-over of a shard to the writer are done with stop signals held
+    (``tasks.interrupts.held``), so that a signal never counts a shard twice or loses a write.
+    """
 
     def __init__(self, steps: Steps, on_stored: Stored | None = None) -> None:
         self.steps = steps
         self.on_stored = on_stored
         self.tally = Tally()
+        self.shards_stored = 0
+        self._writing: tuple[ShardRows, Pending[Counter]] | None = None  # shard N-1
 
     def run(self, shards: Iterable[list[ScanItem]]) -> Tally:
         decoding: PendingShard | None = None  # shard N+1
-        writing: tuple[ShardRows, Pending[Counter]] | None = None  # shard N-1
         try:
             for items in _then_none(shards):
                 started = None
@@ -134,38 +143,51 @@ class ShardLoop:
                     started = self.steps.start(items, self.steps.plan(items))
                 if decoding is not None:
                     rows = self.steps.score(decoding)
-                    self._stored(writing)
-                    writing = (rows, self.steps.persist(rows))
+                    self._stored()
+                    with held():
+                        self._writing = (rows, self.steps.persist(rows))
                 decoding = started
-            self._stored(writing)
-            writing = None
+            self._stored()
         except BaseException as exc:
-            self._settle(writing, exc)
+            with held():
+                if signal_of(exc) is not None:
+                    note(signal_of(exc))
+                self._settle(exc)
             raise
         finally:
             self.steps.close()
         return self.tally
 
-    def _stored(self, writing: tuple[ShardRows, Pending[Counter]] | None) -> None:
-        """Wait for a write to commit, then count it."""
-        if writing is None:
+    def _stored(self) -> None:
+        """Wait for the write in flight to commit, then count it."""
+        if self._writing is None:
             return
-        rows, future = writing
+        rows, future = self._writing
         counts = future.result()
-        self.tally.add(rows, counts)
+        with held():
+            self._count(rows, counts)
         if self.on_stored is not None:
             self.on_stored(rows, counts, self.tally)
 
-    def _settle(self, writing: Any, exc: BaseException) -> None:
-        """After a failure: let the write in flight commit (or fail) before the caller records
-        the run, and count it if it committed; its own error is noted on ``exc``."""
-        if writing is None:
+    def _count(self, rows: ShardRows, counts: Counter) -> None:
+        self.tally.add(rows, counts)
+        self.shards_stored += 1
+        self._writing = None
+
+    def _settle(self, exc: BaseException) -> None:
+        """After a failure or an interruption: let the write in flight commit (or fail)
+        before the caller records the run, and count it if it committed; its own error is
+        noted on ``exc``."""
+        if self._writing is None:
             return
-        rows, future = writing
+        rows, future = self._writing
         try:
-            self.tally.add(rows, future.result())
+            counts = future.result()
         except BaseException as inner:
+            self._writing = None
             exc.add_note(f"(the shard being written when this happened failed too: {inner})")
+        else:
+            self._count(rows, counts)
 
 
 def _then_none(iterable: Iterable[T]) -> Iterator[T | None]:

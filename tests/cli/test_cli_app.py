@@ -119,22 +119,26 @@ def test_missing_model_is_one_line_and_debug_shows_the_traceback(tmp_path):
         assert lines[-1] == plain.stderr.strip()  # and the same one line last
 
 
-@pytest.mark.timeout(600)
-def test_missing_source_through_a_real_screening_run(tmp_path):
-    """The error is raised inside the flow, with Prefect's temporary server up: still one
-    line, and --debug shows where the flow raised it."""
+@pytest.mark.timeout(300)
+def test_missing_source_is_refused_before_anything_starts(tmp_path):
+    """Checked before the Prefect server starts and torch loads: one line at once, and
+    --debug shows where the command refused it."""
     from support import make_model
 
     model = make_model(tmp_path / "model.pt")
     missing = tmp_path / "no-such-folder"
     args = ["screen", str(missing), "--model", str(model), "--db", f"sqlite:///{tmp_path}/r.db"]
-    debug = run_cli(["--debug", *args], cli_env(tmp_path), tmp_path, timeout=540)
+    plain = run_cli(args, cli_env(tmp_path), tmp_path)
+    assert plain.returncode == 2
+    assert plain.stderr.strip() == f"error: source does not exist: {missing}"
+    assert not (tmp_path / "prefect" / "cxr-screen-server.log").exists()  # no server started
+    assert not (tmp_path / "r.db").exists()  # nothing written
+    debug = run_cli(["--debug", *args], cli_env(tmp_path), tmp_path)
     assert debug.returncode == 2, debug.stderr[-3000:]
     lines = debug.stderr.strip().splitlines()
     assert lines[-1] == f"error: source does not exist: {missing}", debug.stderr[-3000:]
-    assert "Traceback (most recent call last):" in debug.stderr
-    assert "ScreenError: source does not exist" in debug.stderr
-    assert "flows/screen.py" in debug.stderr
+    assert lines[0] == "Traceback (most recent call last):"
+    assert "in check_options" in debug.stderr and "cli/screen.py" in debug.stderr
 
 
 # --- fatal_reason and exit_on_error -------------------------------------------------------------

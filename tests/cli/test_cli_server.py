@@ -21,6 +21,7 @@ from cli import server as local_server
 from tasks.dicom import synth
 
 CLI = str(Path(sys.executable).parent / "cxr-screen")
+SERVER_MODULE = "cli.prefect_server"  # in the server process's command line
 
 
 def cli_env(home: Path) -> dict[str, str]:
@@ -118,7 +119,7 @@ def test_killed_cli_takes_its_server_with_it(tmp_path):
     deadline = time.monotonic() + 120
     server = None
     while server is None and time.monotonic() < deadline and cli.poll() is None:
-        server = next((pid for pid, cmd in children(cli.pid) if "uvicorn" in cmd), None)
+        server = next((pid for pid, cmd in children(cli.pid) if SERVER_MODULE in cmd), None)
         time.sleep(0.05)
     assert server is not None, "the command started no Prefect server of its own"
     time.sleep(1.0)  # the server is booting; the command is importing
@@ -147,6 +148,37 @@ def test_configured_api_means_no_temporary_server(tmp_path, monkeypatch):
     )
     assert local_server.configured_api_url() == "http://prefect.example:4200/api"
     assert local_server.start_local_server() is None
+
+
+def test_the_server_is_deaf_to_stop_signals_and_stops_when_told(tmp_path, monkeypatch):
+    """A terminal's Ctrl-C or systemd's SIGTERM to every process reaches the server too: it
+    must keep answering until the command, done with it, closes its stdin; then it stops
+    gracefully (exit status 0, not killed) within seconds."""
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    monkeypatch.delitem(sys.modules, "prefect.settings", raising=False)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("PREFECT_PROFILE", raising=False)
+    server = local_server.start_local_server()
+    assert server is not None
+    try:
+        server.wait_ready()
+        status = Path(f"/proc/{server.process.pid}/status").read_text()
+        mask = next(x for x in status.splitlines() if x.startswith("SigBlk:"))
+        blocked = int(mask.split()[1], 16)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            assert blocked & (1 << (sig - 1)), f"{sig.name} is not blocked in the server"
+            os.kill(server.process.pid, sig)
+            os.killpg(server.process.pid, sig)
+        time.sleep(2.0)
+        assert server.process.poll() is None, "the server died on SIGINT/SIGTERM"
+        assert local_server.is_healthy(server.api_url)
+        started = time.monotonic()
+        server.stop(grace=30)
+        took = time.monotonic() - started
+    finally:
+        server.stop(grace=0)
+    assert server.process.returncode == 0, "the server was killed, not stopped"
+    assert took < 10, f"the server took {took:.1f} s to stop"
 
 
 def test_temporary_server_answers_and_stops(tmp_path, monkeypatch):
@@ -188,7 +220,8 @@ def test_refused_pdeathsig_starts_no_server(no_api, monkeypatch):
     import errno
 
     def refusing_prctl(option, signum):  # runs in the forked child, like the real one
-        assert (option, signum) == (local_server.PR_SET_PDEATHSIG, signal.SIGTERM)
+        # the server is deaf to SIGTERM: the kernel is asked to SIGKILL it
+        assert (option, signum) == (local_server.PR_SET_PDEATHSIG, signal.SIGKILL)
         ctypes.set_errno(errno.EPERM)
         return -1
 
@@ -202,7 +235,7 @@ def test_refused_pdeathsig_starts_no_server(no_api, monkeypatch):
     assert "\n" not in message
     assert "PREFECT_API_URL" not in os.environ
     started = [cmd for pid, cmd in children(os.getpid()) if pid not in before]
-    assert not any("uvicorn" in cmd for cmd in started), started
+    assert not any(SERVER_MODULE in cmd for cmd in started), started
 
 
 def test_missing_prctl_starts_no_server(no_api, monkeypatch):
@@ -248,6 +281,7 @@ def test_broken_profiles_toml_through_the_cli(tmp_path):
     home = tmp_path / "home"
     (home / "prefect").mkdir(parents=True)
     (home / "prefect" / "profiles.toml").write_text("active = [\n")
+    (tmp_path / "m.pt").touch()  # the options are checked first: let them pass
     proc = subprocess.run(
         [CLI, "screen", str(tmp_path), "--model", str(tmp_path / "m.pt")],
         env=cli_env(home),
