@@ -1,0 +1,513 @@
+"""The device half of the pixel path: prepared items in, model-input batches and thumbnails out.
+
+For each batch (:class:`DevicePixels`), in the process that owns the device:
+
+1. **stage** (copy stream): each item's buffer goes to the device, ``non_blocking`` from pinned
+   host memory: the shard's shared-memory arena (page-locked once, ``tasks.device.arena``) or,
+   for an item that travelled inline, a pinned buffer from torch's caching host allocator
+   (reused once its copy is done). Compressed frames are decoded there instead, batched across
+   the images (``frame_decoder``, e.g. nvImageCodec), and left on the device.
+2. **count** (stats stream, after the copy): Bits Stored corrected (frames), each pixel's index
+   into the batch's table computed once, one ``bincount`` for the whole batch's histograms;
+   the histograms (a few KB per image) come back to the host.
+3. **tables** (host): each image's display table from its histogram and header with the CPU
+   path's own functions (``tasks.device.tables``): modality LUT, VOI LUT / window /
+   percentiles and MONOCHROME1 inversion as ONE table; a blank or non-finite image fails here
+   with the CPU path's reason.
+4. **render** (compute stream): one lookup (``table[index]``) windows every pixel; Pillow's
+   two-pass BOX resize (``tasks.device.resize``, the same integer result as the CPU path)
+   gives the model input, normalised per channel, and the review thumbnail (from every k-th
+   pixel, as the CPU path does); thumbnails come back to pinned host memory.
+
+Batch b+1 is staged and counted while batch b's tables are built and b is rendered and scored:
+the copy and stats streams run ahead of the compute stream (double buffering, each batch's
+buffers kept until the stream that reads them is done). On a CPU every stream is the host and
+the same code runs in order.
+
+**Mixed sizes.** Within a batch, images are grouped by (decoded shape, thumbnail shape): each
+group is one stacked tensor and one sequence of kernels; a batch with k distinct shapes costs
+k sequences. Nothing is padded (padding would need a fill of every pixel and waste the lookup,
+the counting and the resize on mixed archives); an archive of a few detector formats makes a
+few groups per batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from model.spec import PreprocessSpec
+from tasks.device.prepare import DONE, FRAME, PIXELS, Prepared
+from tasks.device.resize import box_resize
+from tasks.device.tables import display_levels
+from tasks.dicom.decoders import PixelLayout
+from tasks.dicom.outcomes import InputError
+from tasks.dicom.pixels import DISPLAY_LEVELS
+from tasks.dicom.values import safe_json
+
+DEFAULT_BATCH_PIXELS_CUDA = 1 << 30
+"""Pixels per device batch on a GPU (~290 images of 2000 x 1840): ~10 GB of device memory
+for the stored values, indices, levels and the resize's intermediates."""
+DEFAULT_BATCH_PIXELS_CPU = 1 << 25
+
+
+class FrameDecoder(Protocol):
+    """Decodes compressed frames on the device (``tasks.dicom.decoders.nvimgcodec``)."""
+
+    name: str
+    syntaxes: frozenset[str]
+
+    def decode_batch(
+        self, frames: list[np.ndarray], layouts: list[PixelLayout], stream: Any
+    ) -> list[torch.Tensor | str]:
+        """One 2-D integer tensor on the device per frame, or why it was refused."""
+        ...
+
+
+@dataclass
+class Rendered:
+    """One batch out of the device, in the order its items came in."""
+
+    positions: list[int]  # the items' positions (as given to ``DevicePixels.render``)
+    images: torch.Tensor  # (n, C, S, S) float32 on the device, row i for positions[i]
+    facts: list[dict[str, Any]]
+    failed: list[tuple[int, str]] = field(default_factory=list)  # (position, reason)
+    refused: list[tuple[int, str]] = field(default_factory=list)  # frames for the CPU decoders
+    _thumbs: list[Any] = field(default_factory=list)  # per row: host tensor/array, or None
+    _ready: Any = None  # event after the thumbnails' copy
+
+    def thumbnails(self) -> list[np.ndarray | None]:
+        """The rows' thumbnails (uint8, host), once their copy has finished."""
+        if self._ready is not None:
+            self._ready.synchronize()
+            self._ready = None
+        return [t.numpy() if isinstance(t, torch.Tensor) else t for t in self._thumbs]
+
+
+class _Streams:
+    """Copy, stats and compute streams on CUDA; nothing (in order) on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.copy = torch.cuda.Stream(device)
+            self.stats = torch.cuda.Stream(device)
+        else:
+            self.copy = self.stats = None
+
+    def on(self, stream: Any):
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    def event(self, stream: Any = None) -> Any:
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(stream if stream is not None else torch.cuda.current_stream())
+        return event
+
+    def wait(self, event: Any, stream: Any = None) -> None:
+        if event is not None:
+            (stream if stream is not None else torch.cuda.current_stream()).wait_event(event)
+
+    def keep(self, tensor: torch.Tensor, stream: Any = None) -> None:
+        """``tensor`` is used on ``stream`` too: its memory is not reused before that is done."""
+        if self.cuda:
+            tensor.record_stream(stream if stream is not None else torch.cuda.current_stream())
+
+
+@dataclass
+class _Group:
+    key: tuple
+    rows: list[int]  # indices into the batch's item list
+    values: torch.Tensor | None = None  # (G, H, W) stored values on the device
+    index: torch.Tensor | None = None  # (G, H, W) int32 position in the batch's flat table
+
+
+@dataclass
+class _Batch:
+    positions: list[int]
+    items: list[Prepared]
+    groups: list[_Group] = field(default_factory=list)
+    first: list[int] = field(default_factory=list)  # stored value of each item's bin 0
+    bins: list[int] = field(default_factory=list)
+    base: list[int] = field(default_factory=list)  # each item's bin 0 in the flat histogram
+    facts: list[dict[str, Any]] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)  # row -> reason
+    refused: dict[int, str] = field(default_factory=dict)
+    done_images: dict[int, torch.Tensor] = field(default_factory=dict)
+    histogram: torch.Tensor | None = None  # host (pinned on CUDA)
+    raw_high: torch.Tensor | None = None  # per item: max before Bits Stored correction (frames)
+    counted: Any = None  # event: histograms on the host
+    keep: list[Any] = field(default_factory=list)  # host buffers in flight
+
+
+Buffer = Callable[[Prepared], np.ndarray]
+
+
+class DevicePixels:
+    """Renders prepared items into model inputs and thumbnails on ``device``, in batches.
+
+    ``batch_size`` images at most per batch, and at most ``batch_pixels`` stored pixels.
+    ``frame_decoder``: decodes FRAME items on the device (None: FRAME items are refused and
+    reported for CPU decoding). ``profile``: wait for the device after each step and add the
+    seconds to :attr:`timings` (for benchmarks; it removes the overlap).
+    """
+
+    def __init__(
+        self,
+        spec: PreprocessSpec,
+        device: torch.device,
+        *,
+        batch_size: int = 256,
+        batch_pixels: int | None = None,
+        frame_decoder: FrameDecoder | None = None,
+        profile: bool = False,
+    ) -> None:
+        self.spec = spec
+        self.device = device
+        self.batch_size = max(1, batch_size)
+        self.batch_pixels = batch_pixels or (
+            DEFAULT_BATCH_PIXELS_CUDA if device.type == "cuda" else DEFAULT_BATCH_PIXELS_CPU
+        )
+        self.frame_decoder = frame_decoder
+        self.profile = profile
+        self.timings: Counter = Counter()
+        self._streams = _Streams(device)
+        self._mean = [float(np.float32(m)) for m in spec.mean]
+        self._std = [float(np.float32(s)) for s in spec.std]
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def render(self, items: Iterable[tuple[int, Prepared]], buffer: Buffer) -> Iterator[Rendered]:
+        """Rendered batches for ``(position, item)`` pairs (items without an error).
+
+        ``buffer(item)``: the item's stored values or frame bytes as a host array (an arena
+        view or the inline data). Batch b+1 is staged and counted before batch b is rendered.
+        """
+        ahead: _Batch | None = None
+        for batch in self._batches(items):
+            staged = self._stage_and_count(batch, buffer)
+            if ahead is not None:
+                yield self._render(ahead)
+            ahead = staged
+        if ahead is not None:
+            yield self._render(ahead)
+
+    def _batches(self, items: Iterable[tuple[int, Prepared]]) -> Iterator[_Batch]:
+        positions: list[int] = []
+        chosen: list[Prepared] = []
+        pixels = 0
+        for position, item in items:
+            n = _pixels(item)
+            if chosen and (len(chosen) >= self.batch_size or pixels + n > self.batch_pixels):
+                yield _Batch(positions, chosen)
+                positions, chosen, pixels = [], [], 0
+            positions.append(position)
+            chosen.append(item)
+            pixels += n
+        if chosen:
+            yield _Batch(positions, chosen)
+
+    # -- steps 1 and 2: stage and count ---------------------------------------------------------
+
+    def _stage_and_count(self, batch: _Batch, buffer: Buffer) -> _Batch:
+        started = time.perf_counter()
+        s = self._streams
+        n = len(batch.items)
+        batch.facts = [dict(item.facts) for item in batch.items]
+        batch.first, batch.bins = [0] * n, [0] * n
+        on_device: dict[int, torch.Tensor] = {}
+        frames = [i for i, item in enumerate(batch.items) if item.kind == FRAME]
+        if frames:
+            self._decode_frames(batch, frames, buffer, on_device)
+        with s.on(s.copy):
+            for i, item in enumerate(batch.items):
+                if item.kind == PIXELS:
+                    on_device[i] = self._to_device(buffer(item), batch)
+                    batch.first[i] = int(item.low)  # type: ignore[arg-type]
+                    batch.bins[i] = int(item.high) - int(item.low) + 1  # type: ignore[operator]
+                elif item.kind == DONE:
+                    batch.done_images[i] = self._to_device(item.image, batch)
+        copied = s.event(s.copy)
+        self._time("stage", started, s.copy)
+
+        started = time.perf_counter()
+        batch.base = list(np.cumsum([0, *batch.bins[:-1]])) if n else []
+        total = int(sum(batch.bins))
+        with s.on(s.stats):
+            s.wait(copied, s.stats)
+            histogram = torch.zeros(max(total, 1), dtype=torch.int64, device=self.device)
+            raw_high = torch.zeros(n, dtype=torch.int64, device=self.device)
+            by_key: dict[tuple, list[int]] = defaultdict(list)
+            for i, values in on_device.items():
+                item = batch.items[i]
+                layout = item.layout
+                kind = (item.kind, layout.bits_stored, layout.signed) if layout else (item.kind,)
+                by_key[(tuple(values.shape), values.dtype, item.thumb_shape, kind)].append(i)
+            batch.keep.extend(on_device.values())  # until the stats stream has read them
+            for key, rows in by_key.items():
+                group = _Group(key, rows, _stack([on_device[i] for i in rows]))
+                self._count(batch, group, histogram, raw_high)
+                batch.groups.append(group)
+            host = torch.empty(histogram.shape, dtype=torch.int32, pin_memory=s.cuda)
+            host.copy_(histogram.to(torch.int32), non_blocking=True)
+            high_host = torch.empty(n, dtype=torch.int64, pin_memory=s.cuda)
+            high_host.copy_(raw_high, non_blocking=True)
+            batch.histogram, batch.raw_high = host, high_host
+            batch.counted = s.event(s.stats)
+        self._time("count", started, s.stats)
+        return batch
+
+    def _to_device(self, array: np.ndarray | None, batch: _Batch) -> torch.Tensor:
+        """A host array on the device, copied asynchronously from pinned memory."""
+        host = _host_tensor(array)
+        if self.device.type != "cuda":
+            return host
+        if not host.is_pinned():  # inline: through a pinned buffer the allocator reuses
+            pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+            pinned.copy_(host)
+            host = pinned
+        batch.keep.append(host)
+        return host.to(self.device, non_blocking=True)
+
+    def _decode_frames(
+        self, batch: _Batch, rows: list[int], buffer: Buffer, on_device: dict[int, torch.Tensor]
+    ) -> None:
+        decoder = self.frame_decoder
+        if decoder is None:
+            for i in rows:
+                batch.refused[i] = "no device decoder is available in this process"
+            return
+        items = [batch.items[i] for i in rows]
+        try:
+            with self._streams.on(self._streams.stats):
+                results = decoder.decode_batch(
+                    [buffer(item) for item in items],
+                    [item.layout for item in items],  # type: ignore[misc]
+                    self._streams.stats,
+                )
+        except Exception as exc:  # the whole call failed: every frame goes to the CPU
+            results = [f"{type(exc).__name__}: {exc}"] * len(items)
+        for i, item, result in zip(rows, items, results, strict=True):
+            layout = item.layout
+            assert layout is not None
+            if isinstance(result, str):
+                batch.refused[i] = result
+                continue
+            if result.dtype.is_floating_point or result.dtype.is_signed != layout.signed:
+                batch.refused[i] = (
+                    f"{decoder.name} decoded {result.dtype} values for "
+                    f"Pixel Representation {int(layout.signed)}"
+                )
+                continue
+            if tuple(result.shape) != (layout.rows, layout.columns):
+                batch.refused[i] = (
+                    f"{decoder.name} decoded {tuple(result.shape)} pixels, not the "
+                    f"{layout.rows} x {layout.columns} of the header"
+                )
+                continue
+            on_device[i] = result
+            bits = layout.bits_stored
+            batch.first[i] = -(1 << (bits - 1)) if layout.signed else 0
+            batch.bins[i] = 1 << bits
+            batch.facts[i].update(
+                decoder=decoder.name,
+                reduce_level=0,
+                draft_scale=1,
+                decoded_shape=[layout.rows, layout.columns],
+            )
+
+    def _count(
+        self, batch: _Batch, group: _Group, histogram: torch.Tensor, raw_high: torch.Tensor
+    ) -> None:
+        """The group's table indices and its images' histograms (into ``histogram``)."""
+        rows = group.rows
+        values = group.values
+        assert values is not None
+        v = values.to(torch.int32)
+        if batch.items[rows[0]].kind == FRAME:
+            layout = batch.items[rows[0]].layout
+            assert layout is not None
+            v = self._correct_bits(v, rows, layout, raw_high)
+        offset = torch.tensor([batch.base[i] - batch.first[i] for i in rows], dtype=torch.int32).to(
+            self.device, non_blocking=True
+        )
+        index = v + offset.view(-1, 1, 1)
+        histogram += torch.bincount(index.reshape(-1), minlength=histogram.numel())
+        group.index = index
+        group.values = None
+
+    def _correct_bits(
+        self, v: torch.Tensor, rows: list[int], layout: PixelLayout, raw_high: torch.Tensor
+    ) -> torch.Tensor:
+        """Bits above Bits Stored removed (unsigned) or sign-extended from it (signed), as
+        ``tasks.dicom.decoders.correct_stored_bits``; the raw maximum is kept (the
+        ``high_bits_masked`` fact)."""
+        bits = layout.bits_stored
+        where = torch.tensor(rows, device=self.device)
+        if layout.signed:
+            low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+            outside = ((v < low) | (v > high)).flatten(1).any(dim=1).to(torch.int64)
+            raw_high.index_copy_(0, where, outside)
+            shift = 32 - bits
+            return torch.bitwise_right_shift(torch.bitwise_left_shift(v, shift), shift)
+        raw_high.index_copy_(0, where, v.flatten(1).amax(dim=1).to(torch.int64))
+        return torch.bitwise_and(v, (1 << bits) - 1)
+
+    # -- steps 3 and 4: tables and render -------------------------------------------------------
+
+    def _render(self, batch: _Batch) -> Rendered:
+        s = self._streams
+        started = time.perf_counter()
+        if batch.counted is not None:
+            batch.counted.synchronize()
+        histogram = batch.histogram.numpy() if batch.histogram is not None else None
+        table = np.zeros(max(int(sum(batch.bins)), 1), dtype=np.int32)
+        for group in batch.groups:
+            for i in group.rows:
+                self._table(batch, i, batch.items[i], histogram, table)
+        self._time("tables", started)
+
+        started = time.perf_counter()
+        size = self.spec.input_size
+        outputs: dict[int, torch.Tensor] = {}
+        thumbs: dict[int, Any] = {}
+        s.wait(batch.counted)
+        host_table = torch.from_numpy(table)
+        if s.cuda:
+            host_table = host_table.pin_memory()
+            batch.keep.append(host_table)
+        table_dev = host_table.to(self.device, non_blocking=True)
+        for group in batch.groups:
+            index = group.index
+            assert index is not None
+            s.keep(index)
+            levels = table_dev[index]
+            model = box_resize(levels, (size, size)).to(torch.float32) / float(DISPLAY_LEVELS)
+            images = torch.empty(
+                (len(group.rows), self.spec.channels, size, size),
+                dtype=torch.float32,
+                device=self.device,
+            )
+            for c in range(self.spec.channels):
+                torch.sub(model, self._mean[c], out=images[:, c])
+                images[:, c].div_(self._std[c])
+            for g, i in enumerate(group.rows):
+                outputs[i] = images[g]
+            thumb_shape = group.key[2]
+            if thumb_shape is not None:
+                small = box_resize(_every_kth(levels, thumb_shape), thumb_shape)
+                u8 = torch.clamp(
+                    torch.round(small.to(torch.float32) / float(DISPLAY_LEVELS) * 255.0), 0, 255
+                ).to(torch.uint8)
+                host = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=s.cuda)
+                host.copy_(u8, non_blocking=True)
+                for g, i in enumerate(group.rows):
+                    thumbs[i] = host[g]
+            group.index = None
+        for i, image in batch.done_images.items():
+            outputs[i] = image
+            thumbs[i] = batch.items[i].thumbnail
+        rendered = self._assemble(batch, outputs, thumbs)
+        rendered._ready = s.event()
+        self._time("render", started, torch.cuda.current_stream() if s.cuda else None)
+        return rendered
+
+    def _table(
+        self, batch: _Batch, i: int, item: Prepared, histogram: np.ndarray | None, table: np.ndarray
+    ) -> None:
+        assert histogram is not None and item.layout is not None
+        base, first, bins = batch.base[i], batch.first[i], batch.bins[i]
+        counts = histogram[base : base + bins]
+        try:
+            levels, low, facts = display_levels(
+                item.header, item.layout, item.photometric, self.spec, counts, first
+            )
+        except InputError as exc:
+            batch.failed[i] = _with_read_warnings(str(exc), item)
+            return
+        start = base + (low - first)
+        table[start : start + len(levels)] = levels
+        out = batch.facts[i]
+        if item.kind == FRAME:  # see _correct_bits: a flag (signed) or the raw maximum
+            raw = int(batch.raw_high[i])  # type: ignore[index]
+            limit = (1 << item.layout.bits_stored) - 1
+            out["high_bits_masked"] = bool(raw) if item.layout.signed else raw > limit
+        out.update(facts)
+        out["pixel_path"] = "device"
+        if item.thumb_shape is not None:
+            out["thumbnail_shape"] = list(item.thumb_shape)
+        out["input_size"] = self.spec.input_size
+
+    def _assemble(
+        self, batch: _Batch, outputs: dict[int, torch.Tensor], thumbs: dict[int, Any]
+    ) -> Rendered:
+        rows = [i for i in range(len(batch.items)) if i in outputs and i not in batch.failed]
+        size = self.spec.input_size
+        if rows:
+            images = torch.stack([outputs[i] for i in rows])
+        else:
+            images = torch.empty((0, self.spec.channels, size, size), device=self.device)
+        facts = [
+            batch.facts[i] if batch.items[i].kind == DONE else safe_json(batch.facts[i])
+            for i in rows
+        ]
+        return Rendered(
+            positions=[batch.positions[i] for i in rows],
+            images=images,
+            facts=facts,
+            failed=[(batch.positions[i], why) for i, why in batch.failed.items()],
+            refused=[(batch.positions[i], why) for i, why in batch.refused.items()],
+            _thumbs=[thumbs.get(i) for i in rows],
+        )
+
+    def _time(self, step: str, started: float, stream: Any = None) -> None:
+        if self.profile and self._streams.cuda:
+            (stream or torch.cuda.current_stream()).synchronize()
+        self.timings[step] += time.perf_counter() - started
+
+
+def _host_tensor(array: np.ndarray | None) -> torch.Tensor:
+    """A tensor viewing ``array``. A read-only array (a view of a file's bytes) is only ever
+    read here, so torch's warning about non-writable arrays does not apply."""
+    array = np.ascontiguousarray(array)
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One (G, H, W) tensor; int32 where torch has no kernel for the stored type."""
+    try:
+        return torch.stack(tensors)
+    except (RuntimeError, NotImplementedError):  # e.g. uint16 on an older CUDA build
+        return torch.stack([t.to(torch.int32) for t in tensors])
+
+
+def _every_kth(levels: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Every k-th pixel, k chosen as the CPU path's thumbnails choose it (``exact=False``):
+    at least 2 samples per output pixel remain in each direction."""
+    k = int(min(levels.shape[1] / shape[0], levels.shape[2] / shape[1]) // 2)
+    return levels[:, ::k, ::k] if k > 1 else levels
+
+
+def _pixels(item: Prepared) -> int:
+    if item.kind == FRAME and item.layout is not None:
+        return item.layout.rows * item.layout.columns
+    return int(np.prod(item.shape)) if item.shape else 1
+
+
+def _with_read_warnings(reason: str, item: Prepared) -> str:
+    if item.read_warnings:  # as tasks.dicom.pixels.preprocess words it
+        return f"{reason} (while reading: {'; '.join(item.read_warnings)[:300]})"
+    return reason

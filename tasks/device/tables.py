@@ -1,0 +1,83 @@
+"""The display table of one image, built on the host from its histogram (computed on the device).
+
+The CPU path folds the modality LUT, the VOI (VOI LUT, window, or percentiles of the image's
+values) and the MONOCHROME1 inversion into one table over the stored values
+(``tasks.dicom.pixels.display_table``), after checking that the result is finite and not nearly
+constant. The device path builds the very same table with the very same functions: what they
+need from the pixels is only the histogram of stored values (which the device computes, one
+kernel per batch) and their range. :class:`HistogramValues` gives them that histogram in place
+of the pixel array, so no DICOM rule is restated here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from model.spec import PreprocessSpec
+from tasks.dicom import pixels as px
+from tasks.dicom.outcomes import InputError
+from tasks.dicom.tags import label
+
+
+class HistogramValues(px.StoredValues):
+    """``pixels.StoredValues`` from a histogram: values ``low..high`` and their pixel counts."""
+
+    def __init__(
+        self, low: int, high: int, counts: np.ndarray, padding: tuple[int, int] | None
+    ) -> None:
+        if len(counts) != high - low + 1:
+            raise ValueError(f"{len(counts)} counts for the values {low}..{high}")
+        self.arr = None  # type: ignore[assignment]  # the pixels stay on the device
+        self.padding = padding
+        self.min = low
+        self.max = high
+        self.domain = np.arange(low, high + 1, dtype=np.int64)
+        self._counts = np.asarray(counts, dtype=np.int64)
+        self._index = None
+
+    @property
+    def index(self) -> np.ndarray:
+        raise RuntimeError("the per-pixel index of a device image lives on the device")
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self._counts  # type: ignore[return-value]
+
+
+def display_levels(
+    header, layout, photometric: str, spec: PreprocessSpec, counts: np.ndarray, first: int
+) -> tuple[np.ndarray, int, dict[str, Any]]:
+    """(levels, low, facts) for an image whose stored value ``first + i`` occurs ``counts[i]``
+    times: ``levels[v - low]`` is the displayed value of stored value ``v`` as a 16-bit level
+    (``round(value * 65535)``, what the CPU path resizes) for every ``v`` in the image's range
+    ``low..high``; ``facts`` are the CPU path's ``modality_lut``, ``window`` (and
+    ``window_rejected``), ``inverted`` (and ``inverted_by``).
+
+    Raises ``InputError`` (the CPU path's reasons) for a rescale or LUT that is not finite and
+    for a blank or nearly constant image.
+    """
+    present = np.flatnonzero(counts)
+    if len(present) == 0:
+        raise InputError(f"{label('PixelData')} holds no pixels")
+    low, high = first + int(present[0]), first + int(present[-1])
+    stats = HistogramValues(
+        low, high, counts[low - first : high - first + 1], px.padding_range(header, layout)
+    )
+    facts: dict[str, Any] = {}
+    modality = px.modality_transform(header, layout)
+    facts["modality_lut"] = modality.facts
+    px.check_finite(modality.fn(stats.domain), px.modality_source(modality))
+    voi = px.voi_transform(header, spec, modality, stats)
+    facts["window"] = voi.facts
+    if voi.rejected:
+        facts["window_rejected"] = voi.rejected
+    invert, invert_reason = px.inversion(header, photometric)
+    facts["inverted"] = invert
+    if invert_reason:
+        facts["inverted_by"] = invert_reason
+    table = px.display_table(stats, modality, voi, invert)
+    px.check_not_constant(table, stats, voi)
+    levels = np.rint(table * px.DISPLAY_LEVELS).astype(np.int32)
+    return levels, low, facts
