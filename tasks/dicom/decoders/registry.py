@@ -50,6 +50,7 @@ from tasks.dicom.decoders.base import (
     correct_stored_bits,
     one_line,
 )
+from tasks.dicom.decoders.nvimgcodec import NvImageCodec
 from tasks.dicom.decoders.pydicom_plugins import Native, PydicomPlugin
 from tasks.dicom.decoders.reduced import PillowJ2KReduce, PillowJpegDraft
 from tasks.dicom.outcomes import InputError
@@ -137,6 +138,7 @@ _BACKENDS: tuple[Backend, ...] = (
     PydicomPlugin("pydicom"),  # pydicom's own RLE decoder
     PillowJ2KReduce(),
     PillowJpegDraft(),
+    NvImageCodec(),  # GPU; tried after the CPU decoders (tasks.device batches it on the GPU)
 )
 
 REGISTRY = Registry(_BACKENDS, PREFERENCE)
