@@ -13,7 +13,7 @@ GPU does the per-pixel work in batches, giving the same model input as the CPU p
   batch with the next batch's copy overlapped (CUDA streams);
 * ``tables``: each image's display table from its device-computed histogram with the CPU
   path's own functions (no DICOM rule restated);
-* ``resize``: Pillow's BOX resize, reproduced in torch;
+* ``resize``: the CPU path's exact box sums (model input and thumbnail from one pass);
 * ``processor``: ``DeviceShardProcessor``, the shard loop's processor for this path, and the
   choice of path (``resolve_pixel_path``, ``shard_processor``).
 

@@ -14,10 +14,12 @@ For each batch (:class:`DevicePixels`), in the process that owns the device:
    path's own functions (``tasks.device.tables``): modality LUT, VOI LUT / window /
    percentiles and MONOCHROME1 inversion as ONE table; a blank or non-finite image fails here
    with the CPU path's reason.
-4. **render** (compute stream): one lookup (``table[index]``) windows every pixel; Pillow's
-   two-pass BOX resize (``tasks.device.resize``, the same integer result as the CPU path)
-   gives the model input, normalised per channel, and the review thumbnail (from every k-th
-   pixel, as the CPU path does); thumbnails come back to pinned host memory.
+4. **render** (compute stream): one lookup (``table[index]``) gives every pixel its summand (its
+   16-bit display level, or its stored value when the table is a straight line), one running
+   sum along the rows serves both output shapes, and the exact box sums divided once in
+   float64 (``tasks.device.resize``) are the CPU path's ``box_means``: the model input,
+   normalised per channel, and the review thumbnail, to the bit; thumbnails come back to
+   pinned host memory.
 
 Batch b+1 is staged and counted while batch b's tables are built and b is rendered and scored:
 the copy and stats streams run ahead of the compute stream (double buffering, each batch's
@@ -46,7 +48,7 @@ import torch
 
 from model.spec import PreprocessSpec
 from tasks.device.prepare import DONE, FRAME, PIXELS, Prepared
-from tasks.device.resize import box_resize
+from tasks.device.resize import box_counts, box_sums
 from tasks.device.tables import display_levels
 from tasks.dicom.decoders import PixelLayout
 from tasks.dicom.outcomes import InputError
@@ -145,6 +147,8 @@ class _Batch:
     done_images: dict[int, torch.Tensor] = field(default_factory=dict)
     histogram: torch.Tensor | None = None  # host (pinned on CUDA)
     raw_high: torch.Tensor | None = None  # per item: max before Bits Stored correction (frames)
+    lines: dict[int, tuple[float, float, int]] = field(default_factory=dict)  # value, slope, low
+    largest: dict[int, int] = field(default_factory=dict)  # magnitude of each item's summands
     counted: Any = None  # event: histograms on the host
     keep: list[Any] = field(default_factory=list)  # host buffers in flight
 
@@ -390,8 +394,18 @@ class DevicePixels:
             index = group.index
             assert index is not None
             s.keep(index)
-            levels = table_dev[index]
-            model = box_resize(levels, (size, size)).to(torch.float32) / float(DISPLAY_LEVELS)
+            summands = table_dev[index]  # the one lookup at full resolution
+            (height, width), thumb_shape = group.key[0], group.key[2]
+            shapes = [(size, size)] + ([thumb_shape] if thumb_shape is not None else [])
+            largest = max(batch.largest.get(i, 0) for i in group.rows)
+            sums = box_sums(summands, shapes, largest)
+            displayed = [
+                self._displayed(
+                    batch, group.rows, total / box_counts(height, width, shape, total.device)
+                )
+                for total, shape in zip(sums, shapes, strict=True)
+            ]
+            model = displayed[0].to(torch.float32)
             images = torch.empty(
                 (len(group.rows), self.spec.channels, size, size),
                 dtype=torch.float32,
@@ -402,12 +416,8 @@ class DevicePixels:
                 images[:, c].div_(self._std[c])
             for g, i in enumerate(group.rows):
                 outputs[i] = images[g]
-            thumb_shape = group.key[2]
-            if thumb_shape is not None:
-                small = box_resize(_every_kth(levels, thumb_shape), thumb_shape)
-                u8 = torch.clamp(
-                    torch.round(small.to(torch.float32) / float(DISPLAY_LEVELS) * 255.0), 0, 255
-                ).to(torch.uint8)
+            if thumb_shape is not None:  # pixels.to_uint8 of the float64 means
+                u8 = torch.clamp(torch.round(displayed[1] * 255.0), 0, 255).to(torch.uint8)
                 host = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=s.cuda)
                 host.copy_(u8, non_blocking=True)
                 for g, i in enumerate(group.rows):
@@ -428,14 +438,19 @@ class DevicePixels:
         base, first, bins = batch.base[i], batch.first[i], batch.bins[i]
         counts = histogram[base : base + bins]
         try:
-            levels, low, facts = display_levels(
+            summands, low, facts, line = display_levels(
                 item.header, item.layout, item.photometric, self.spec, counts, first
             )
         except InputError as exc:
             batch.failed[i] = _with_read_warnings(str(exc), item)
             return
         start = base + (low - first)
-        table[start : start + len(levels)] = levels
+        table[start : start + len(summands)] = summands
+        if line is not None:
+            batch.lines[i] = (line[0], line[1], low)
+            batch.largest[i] = max(abs(low), abs(low + len(summands) - 1))
+        else:
+            batch.largest[i] = DISPLAY_LEVELS
         out = batch.facts[i]
         if item.kind == FRAME:  # see _correct_bits: a flag (signed) or the raw maximum
             raw = int(batch.raw_high[i])  # type: ignore[index]
@@ -446,6 +461,25 @@ class DevicePixels:
         if item.thumb_shape is not None:
             out["thumbnail_shape"] = list(item.thumb_shape)
         out["input_size"] = self.spec.input_size
+
+    def _displayed(self, batch: _Batch, rows: list[int], means: torch.Tensor) -> torch.Tensor:
+        """[0, 1] float64 images from box means, as ``pixels.box_means`` makes them: levels / 65535,
+        or, for an image whose table is a straight line, the line applied to the means of its
+        stored values (``value + slope * (mean - low)``, clipped), with the same float64
+        operations in the same order."""
+        levels = means / float(DISPLAY_LEVELS)
+        if not any(i in batch.lines for i in rows):
+            return levels
+        lines = [batch.lines.get(i, (0.0, 0.0, 0)) for i in rows]
+        column = (len(rows), 1, 1)
+        value, slope, low = (
+            torch.tensor([float(x[k]) for x in lines], dtype=torch.float64).view(column)
+            for k in range(3)
+        )
+        is_line = torch.tensor([i in batch.lines for i in rows]).view(column)
+        value, slope, low, is_line = (t.to(means.device) for t in (value, slope, low, is_line))
+        straight = torch.clamp(value + slope * (means - low), 0.0, 1.0)
+        return torch.where(is_line, straight, levels)
 
     def _assemble(
         self, batch: _Batch, outputs: dict[int, torch.Tensor], thumbs: dict[int, Any]
@@ -492,13 +526,6 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(tensors)
     except (RuntimeError, NotImplementedError):  # e.g. uint16 on an older CUDA build
         return torch.stack([t.to(torch.int32) for t in tensors])
-
-
-def _every_kth(levels: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Every k-th pixel, k chosen as the CPU path's thumbnails choose it (``exact=False``):
-    at least 2 samples per output pixel remain in each direction."""
-    k = int(min(levels.shape[1] / shape[0], levels.shape[2] / shape[1]) // 2)
-    return levels[:, ::k, ::k] if k > 1 else levels
 
 
 def _pixels(item: Prepared) -> int:

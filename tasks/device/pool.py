@@ -116,8 +116,8 @@ class DevicePool:
         self.arena_bytes = arena_bytes or default_arena_bytes()
         self.headers: dict[str, InstanceHeader] = {}
         self.timings: Counter = Counter()
-        self._arenas: list[arenas.Arena | None] = [None, None]
-        self._turn = 0
+        self._free: list[arenas.Arena] = []  # arenas no job is using (at most two kept)
+        self._arenas: list[arenas.Arena] = []  # all of them, closed with the pool
         self._writer = ThreadPoolExecutor(max(1, thumbnail_threads), thread_name_prefix="thumbs")
 
     def __enter__(self) -> DevicePool:
@@ -129,10 +129,9 @@ class DevicePool:
     def close(self) -> None:
         self.inner.close()
         self._writer.shutdown(wait=True)
-        for i, arena in enumerate(self._arenas):
-            if arena is not None:
-                arena.close()
-                self._arenas[i] = None
+        for arena in self._arenas:
+            arena.close()
+        self._arenas, self._free = [], []
 
     # -- start --------------------------------------------------------------------------------
 
@@ -149,15 +148,20 @@ class DevicePool:
         return DeviceJob(calls, self.inner.start(jobs), arena)
 
     def _arena_for(self, sizes: list[int | None]) -> tuple[arenas.Arena | None, list[Any]]:
+        """A free arena large enough for ``sizes`` (the shard loop has two jobs in flight, so
+        two arenas alternate), and the slots in it."""
         if self.handover != "shm" or not any(sizes):
             return None, [None] * len(sizes)
         need = min(sum(arenas.aligned(n) for n in sizes if n), self.arena_bytes)
-        turn, self._turn = self._turn, self._turn ^ 1
-        arena = self._arenas[turn]
-        if arena is None or arena.size < need:
-            if arena is not None:  # the shard that used it was collected before this start
-                arena.close()
-                self._arenas[turn] = None
+        fitting = [a for a in self._free if a.size >= need]
+        if fitting:
+            arena = fitting[0]
+            self._free.remove(arena)
+        else:
+            if len(self._free) >= 2:  # replaced by a larger one
+                old = self._free.pop(0)
+                self._arenas.remove(old)
+                old.close()
             try:  # headroom, so that a slightly larger shard does not recreate it
                 arena = arenas.Arena(
                     min(max(need + need // 8, 64 << 20), self.arena_bytes),
@@ -167,8 +171,14 @@ class DevicePool:
                 log.warning("no shared-memory arena (%s); pixel buffers go through the pool", exc)
                 self.handover = "inline"
                 return None, [None] * len(sizes)
-            self._arenas[turn] = arena
+            self._arenas.append(arena)
         return arena, arenas.plan(sizes, arena.size)
+
+    def _release(self, job: DeviceJob) -> None:
+        """The job's arena is free again (its buffers were all read by the device)."""
+        if job.arena is not None:
+            self._free.append(job.arena)
+            job.arena = None
 
     # -- results ------------------------------------------------------------------------------
 
@@ -192,7 +202,11 @@ class DevicePool:
                 else:  # a record from the pool itself (a file that crashed its worker)
                     outs[position] = _Out(result)
 
-        refused = self._render_all(arriving(), _Buffers(job.arena), prepared, outs)
+        try:
+            refused = self._render_all(arriving(), _Buffers(job.arena), prepared, outs)
+        finally:  # every copy from the arena has landed (or the job is abandoned)
+            self._synchronize()
+            self._release(job)
         if refused:
             self._retry_on_cpu(job, refused, prepared, outs)
         started = time.perf_counter()
@@ -209,6 +223,10 @@ class DevicePool:
         for out in outs:
             assert out is not None
             yield out.record
+
+    def _synchronize(self) -> None:
+        if self.pixels.device.type == "cuda":
+            torch.cuda.synchronize(self.pixels.device)
 
     def decode_all(self, calls: list[tuple]) -> list[Record]:
         return list(self.results(self.start(calls)))

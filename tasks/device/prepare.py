@@ -202,6 +202,7 @@ def _prepare(data: bytes, args: dict[str, Any], options: Options, out: Prepared)
     ds, tsyntax = px.transfer_syntax(ds, facts)
     check_decodable(tsyntax)
     layout, photometric = px.check_image(ds, tsyntax, options.max_pixels)
+    ds = px.with_photometric(ds, photometric)
     if layout.bits_allocated > 16:  # no dense lookup table: the CPU path does the whole image
         return _done(original, spec, reduced, size, options, out)
     facts.update(

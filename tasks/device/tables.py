@@ -48,12 +48,17 @@ class HistogramValues(px.StoredValues):
 
 def display_levels(
     header, layout, photometric: str, spec: PreprocessSpec, counts: np.ndarray, first: int
-) -> tuple[np.ndarray, int, dict[str, Any]]:
-    """(levels, low, facts) for an image whose stored value ``first + i`` occurs ``counts[i]``
-    times: ``levels[v - low]`` is the displayed value of stored value ``v`` as a 16-bit level
-    (``round(value * 65535)``, what the CPU path resizes) for every ``v`` in the image's range
-    ``low..high``; ``facts`` are the CPU path's ``modality_lut``, ``window`` (and
-    ``window_rejected``), ``inverted`` (and ``inverted_by``).
+) -> tuple[np.ndarray, int, dict[str, Any], tuple[float, float] | None]:
+    """(summands, low, facts, line) for an image whose stored value ``first + i`` occurs
+    ``counts[i]`` times, over the image's range of stored values ``low..high``.
+
+    ``summands[v - low]`` is what the device box-averages for stored value ``v``, as the CPU
+    path's ``box_means`` does: when the display table is a straight line over the image's
+    values (``pixels.display_line``: a linear window that clips nothing), ``line`` is
+    (displayed value of ``low``, slope) and the summands are the stored values themselves (the
+    line is applied to their box means); otherwise ``line`` is None and the summands are the
+    table quantised to 16-bit levels. ``facts``: the CPU path's ``modality_lut``, ``window``
+    (and ``window_rejected``), ``inverted`` (and ``inverted_by``) and ``window_linear``.
 
     Raises ``InputError`` (the CPU path's reasons) for a rescale or LUT that is not finite and
     for a blank or nearly constant image.
@@ -78,6 +83,11 @@ def display_levels(
     if invert_reason:
         facts["inverted_by"] = invert_reason
     table = px.display_table(stats, modality, voi, invert)
+    line = px.display_line(table, stats)
+    facts["window_linear"] = line is not None
     px.check_not_constant(table, stats, voi)
-    levels = np.rint(table * px.DISPLAY_LEVELS).astype(np.int32)
-    return levels, low, facts
+    if line is not None:
+        summands = np.arange(low, high + 1, dtype=np.int32)
+    else:
+        summands = np.rint(table * px.DISPLAY_LEVELS).astype(np.int32)
+    return summands, low, facts, line

@@ -2,8 +2,8 @@
 
 Tolerance: none. The device path's model input is the CPU path's (``tasks.ingest.decode_item``,
 ``tasks.dicom.pixels.preprocess``) to the bit: the same display table (built by the same
-functions from a histogram instead of the pixels), the same 16-bit levels, Pillow's BOX resize
-reproduced with its own double-precision sums and roundings, the same float32 normalisation.
+functions from a histogram instead of the pixels), the same 16-bit levels or the same straight
+line, the same exact integer box sums divided once in float64, the same float32 normalisation.
 The thumbnails are the same arrays (so the same JPEG bytes), the facts are the same plus
 ``pixel_path``, and a file that fails fails with the same reason. Checked on real files
 (pydicom's and pydicom-data's CT, MR, CR: MONOCHROME1, signed and unsigned, rescale, modality
@@ -26,7 +26,6 @@ import numpy as np
 import openjpeg
 import pytest
 import torch
-from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000, HTJ2KLossless, JPEG2000Lossless
 
@@ -37,7 +36,8 @@ from tasks.device.pipeline import DevicePixels
 from tasks.device.pool import DevicePool, buffer_bytes
 from tasks.device.prepare import DONE, FRAME, PIXELS, Options, prepare_item
 from tasks.device.processor import DeviceShardProcessor, resolve_pixel_path, shard_processor
-from tasks.device.resize import box_bounds, box_resize
+from tasks.device.resize import box_counts, box_sums
+from tasks.dicom import pixels as px
 from tasks.dicom import synth
 from tasks.dicom.decoders import nvimgcodec
 from tasks.dicom.discovery import SourceFile
@@ -122,24 +122,33 @@ def assert_same(cpu, dev, *, ignore=("pixel_path",), same_fingerprints=True):
     [
         ((2000, 1840), (150, 150)),
         ((2000, 1840), (256, 235)),
-        ((37, 1000), (150, 150)),  # upsampling rows, downsampling columns
+        ((37, 1000), (150, 150)),  # enlarging the rows, shrinking the columns
         ((100, 90), (150, 150)),
         ((777, 513), (256, 169)),
         ((150, 150), (150, 150)),
     ],
 )
-def test_box_resize_is_pillows_to_the_bit(source, target):
+def test_box_sums_are_the_cpu_paths_exact_sums(source, target):
+    """One running sum, two shapes: the sums over pixels.box_bounds' rectangles, exactly, and
+    the means are pixels.BoxPlan's to the bit."""
     rng = np.random.default_rng(sum(source))
-    image = rng.integers(0, 65536, size=source).astype(np.uint16)
-    expected = np.asarray(Image.fromarray(image).resize(target[::-1], Image.Resampling.BOX))
-    got = box_resize(torch.from_numpy(image.astype(np.int32))[None], target)[0]
-    assert np.array_equal(got.numpy().astype(np.uint16), expected)
-
-
-def test_box_bounds_are_pillows_centres_rule():
-    first, count = box_bounds(2000, 150)  # 13.33 px per output pixel: boxes of 13 or 14
-    assert first[0] == 0 and set(count) == {13, 14} and first[-1] + count[-1] == 2000
-    assert np.all(first[1:] == first[:-1] + count[:-1])  # contiguous, no overlap here
+    image = rng.integers(-32768, 65536, size=source).astype(np.int32)
+    shapes = [target, (max(1, target[0] // 2), max(1, target[1] // 3))]
+    got = box_sums(torch.from_numpy(image)[None], shapes, largest=65535)
+    for shape, sums in zip(shapes, got, strict=True):
+        (rf, rn), (cf, cn) = px.box_bounds(source[0], shape[0]), px.box_bounds(source[1], shape[1])
+        expected = np.array(
+            [
+                [image[rf[i] : rf[i] + rn[i], cf[j] : cf[j] + cn[j]].sum() for j in range(shape[1])]
+                for i in range(shape[0])
+            ]
+        )
+        assert np.array_equal(sums[0].numpy(), expected)
+    plan = px.BoxPlan(*source, shapes)
+    means = plan.means(plan.sum_rows(lambda a, b: image[a:b], 65535))
+    for shape, sums, mean in zip(shapes, got, means, strict=True):
+        mine = sums[0] / box_counts(*source, shape, "cpu")
+        assert np.array_equal(mine.numpy(), mean)
 
 
 # -- real and generated files against decode_item -----------------------------------------------
@@ -386,12 +395,12 @@ def test_slot_sizes_come_from_the_header(synthetic):
 
 def test_device_shard_processor_rows_equal_shard_processors(synthetic, tmp_path):
     """Workers in processes, buffers through a shared-memory arena, two shards in a row (the
-    second reuses the other arena): the same rows as ShardProcessor, scores within 1e-6."""
+    second reuses the other arena): the same rows as ShardProcessor, the same scores."""
     root, _ = synthetic
     checkpoint = untrained_checkpoint(version="device-path", head_std=0.2, calibrate=True)
     items = list(scan([root], b"key"))
     half = len(items) // 2
-    with ShardProcessor(checkpoint, device="cpu", workers=0, thumbnails_dir=tmp_path / "a") as p:
+    with ShardProcessor(checkpoint, device="cpu", workers=2, thumbnails_dir=tmp_path / "a") as p:
         expected = [p.process(items[:half]), p.process(items[half:])]
     with DeviceShardProcessor(
         checkpoint, device="cpu", workers=2, thumbnails_dir=tmp_path / "b", handover="shm"
@@ -409,7 +418,7 @@ def test_device_shard_processor_rows_equal_shard_processors(synthetic, tmp_path)
                     Path(b["thumbnail_path"]).read_bytes() == Path(a["thumbnail_path"]).read_bytes()
                 )
         for a, b in zip(e.predictions, g.predictions, strict=True):
-            assert abs(a["score"] - b["score"]) < 1e-6
+            assert a["score"] == b["score"]  # same model inputs, same batches, same threads
             assert a["sop_instance_uid"] == b["sop_instance_uid"]
 
 
