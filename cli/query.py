@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -39,6 +40,8 @@ def query_command(
         fail(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
     if fmt == "parquet" and out is None:
         fail("--format parquet needs --out FILE")
+    if out is not None:
+        check_out(out)
     params = parse_params(param or [])
     with exit_on_error():
         try:
@@ -49,14 +52,35 @@ def query_command(
 
 
 def parse_params(items: list[str]) -> dict[str, str]:
-    """``-p key=value`` options as a dict; a malformed one is a fatal error naming it."""
+    """``-p key=value`` options as a dict; a malformed or repeated one is a fatal error naming
+    it (a query parameter has one value: keeping the last silently would answer another
+    question than the one asked)."""
     params: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             fail(f"--param {item!r} is not of the form key=value")
-        params[key.strip()] = value
+        if key in params:
+            fail(
+                f"--param {key} is given twice ({params[key]!r} and {value!r}); "
+                "a query parameter takes one value"
+            )
+        params[key] = value
     return params
+
+
+def check_out(out: Path) -> None:
+    """``--out`` must name a file in a folder that exists: checked before the query runs.
+    An existing file is replaced (the export of a scheduled query is rewritten each time)."""
+    if out.is_dir():
+        fail(f"--out {out} is a directory; name a file in it (e.g. {out / 'result.csv'})")
+    parent = out.parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        fail(f"--out {out}: the folder {parent} {what}")
+    if not os.access(parent, os.W_OK):
+        fail(f"--out {out}: the folder {parent} is not writable")
 
 
 def queries_table() -> Table:
@@ -72,16 +96,17 @@ def queries_table() -> Table:
 
 
 def export(frame, name: str, fmt: str, out: Path | None) -> None:
-    """A query's result as a table, CSV or Parquet, to ``out`` or the terminal."""
-    if fmt == "parquet":
-        frame.to_parquet(out, index=False)
+    """A query's result as a table, CSV or Parquet, to ``out`` or the terminal.
+
+    A file is written next to ``out`` and renamed over it once complete: a failed export
+    leaves the previous file, never half a file; an error writing it is one line.
+    """
+    replaced = out is not None and out.is_file()
+    if out is not None:
+        with exit_on_error(OSError, reason=lambda e: f"--out {out}: {e.strerror or e}"):
+            _write_file(frame, fmt, out)
     elif fmt == "csv":
-        if out:
-            frame.to_csv(out, index=False)
-        else:
-            sys.stdout.write(frame.to_csv(index=False))
-    elif out:
-        out.write_text(frame.to_string(index=False) + "\n")
+        sys.stdout.write(frame.to_csv(index=False))
     else:
         table = Table(title=f"{name} ({len(frame)} rows)")
         for col in frame.columns:
@@ -90,7 +115,28 @@ def export(frame, name: str, fmt: str, out: Path | None) -> None:
             table.add_row(*("" if v is None else str(v) for v in row))
         console.print(table)
     if out:
-        console.print(f"wrote {len(frame)} rows to {out}")
+        console.print(f"wrote {len(frame)} rows to {out}{' (replaced)' if replaced else ''}")
+
+
+def _write_file(frame, fmt: str, out: Path) -> None:
+    if out.exists() and not out.is_file():  # a device or a pipe (/dev/stdout): straight in
+        _write(frame, fmt, out)
+        return
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        _write(frame, fmt, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write(frame, fmt: str, path: Path) -> None:
+    if fmt == "parquet":
+        frame.to_parquet(path, index=False)
+    elif fmt == "csv":
+        frame.to_csv(path, index=False)
+    else:
+        path.write_text(frame.to_string(index=False) + "\n")
 
 
 def review_command(

@@ -50,15 +50,14 @@ def screen_command(
     """Screen DICOM sources with a model version and write the results to the database."""
     with stop_on_signals():
         with exit_on_error():
-            device = check_options(sources, model, device, kind)
+            device, checkpoint = check_options(sources, model, device, kind)
         check_write_back(write_back)
         database_via_settings(db)
         with exit_on_error(), prefect_ready():
             from flows.parameters import ScreenParameters
-            from flows.screen import check_device, screen
+            from flows.screen import screen
 
-            check_device(device)  # torch is imported by now; the server is still booting
-            check_database()
+            check_before_the_run(device, checkpoint)  # while the server boots
         summary = run_with_progress(
             screen,
             sources=[str(s) for s in sources],
@@ -89,14 +88,13 @@ def nightly_command(
     """Run the nightly job once now: files that arrived since the last successful night."""
     with stop_on_signals():
         with exit_on_error():
-            device = check_options([drop_folder] if drop_folder else [], model, device)
+            device, checkpoint = check_options([drop_folder] if drop_folder else [], model, device)
         check_write_back(write_back)
         database_via_settings(db)
         with exit_on_error(), prefect_ready():
-            from flows.screen import check_device, nightly
+            from flows.screen import nightly
 
-            check_device(device)
-            check_database()
+            check_before_the_run(device, checkpoint)
         summary = run_with_progress(
             nightly,
             drop_folder=str(drop_folder) if drop_folder else None,
@@ -111,11 +109,12 @@ DEVICE_FORM = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 def check_options(
     sources: list[Path], model: Path | None, device: str | None, kind: str | None = None
-) -> str:
+) -> tuple[str, Path | None]:
     """What can be refused before anything starts (no server, no torch yet): the run kind,
-    the device's name, the sources and the model file. Returns the device to use (the
-    option, else the settings'); whether this machine has it is checked once torch is
-    imported (``flows.screen.check_device``), still before anything is recorded."""
+    the device's name, the sources and the model file. Returns the device and the checkpoint
+    to use (the options, else the settings'); whether this machine has the device and the
+    file is a checkpoint are checked once torch is imported (:func:`check_before_the_run`),
+    still before anything is recorded."""
     from flows.errors import UserError
     from flows.parameters import SCREEN_KINDS
     from flows.settings import get_settings
@@ -132,17 +131,24 @@ def check_options(
     checkpoint = model or settings.model_path
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise UserError(f"checkpoint {str(checkpoint)!r} does not exist or is not a file")
-    return settings.device
+    return settings.device, Path(checkpoint) if checkpoint is not None else None
 
 
-def check_database() -> None:
-    """The results database answers and has this version's schema, tables, columns and views
+def check_before_the_run(device: str, checkpoint: Path | None) -> None:
+    """Checked while the Prefect server boots, so that a run that cannot start is refused at
+    once and before any run row is written (the flow checks the same again, for runs started
+    elsewhere): this machine has the device, the model file is a checkpoint, and the results
+    database answers and has this version's schema, tables, columns and views
     (``sql.db.connect`` migrates a new or older one and refuses one that differs, naming what
-    differs and what to run): checked once, while the Prefect server boots, so that an
-    unreachable or altered database is refused at once and before any run row is written."""
+    differs and what to run)."""
+    from flows.screen import check_device
     from flows.settings import get_settings
+    from model.checkpoint import load_checkpoint
     from sql.db import connect
 
+    check_device(device)
+    if checkpoint is not None:
+        load_checkpoint(checkpoint)
     connect(get_settings().database_url).dispose()
 
 

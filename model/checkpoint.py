@@ -129,6 +129,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             f"Detail: {str(exc).splitlines()[0]}"
         ) from None
     except Exception as exc:  # torch raises RuntimeError for zip/truncation problems
+        with path.open("rb") as f:
+            head = f.read(4)
+        if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or a legacy pickle
+            what = "it is empty" if not head else "neither a zip archive nor a pickle"
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is not a model checkpoint: not a file torch.save "
+                f"writes ({what})"
+            ) from None
         raise CheckpointError(
             f"checkpoint {str(path)!r} could not be read: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}"

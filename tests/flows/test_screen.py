@@ -242,3 +242,68 @@ def test_one_engine_per_screening_run_and_per_nightly_run(corpus, tmp_path, monk
     night = nightly(drop_folder=str(drop), model=str(corpus["model_a"]))
     assert night["files_seen"] == 3  # two images and labels.csv: new to the watermark
     assert created == [url]  # watermark read, the run, watermark written: one engine
+
+
+@pytest.mark.parametrize("ending", ["interrupted", "failed", "completed"])
+def test_every_ending_closes_the_run_with_the_counts_of_its_committed_rows(
+    ending, corpus, db_url, tmp_path
+):
+    """Completed, failed or stopped by SIGTERM: the run is closed after its last commit, and
+    its counts equal the rows its committed shards wrote. The signal is a real one, sent to
+    this process from another thread a moment after the second shard committed (so it lands
+    wherever the flow then is, often with the next write in flight)."""
+    import os
+    import signal
+    import threading
+
+    from flows.progress import add_listener, remove_listener
+    from tasks import interrupts
+
+    stored: list[int] = []
+
+    def after_a_shard(event: str, data: dict) -> None:
+        if event != "shard":
+            return
+        stored.append(data["seen"])
+        if len(stored) == 2 and ending == "interrupted":
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        if len(stored) == 2 and ending == "failed":
+            raise RuntimeError("the disk is full")
+
+    add_listener(after_a_shard)
+    previous = interrupts.install()  # as the CLI does
+    try:
+        if ending == "completed":
+            summary = run(corpus, db_url, tmp_path)
+            run_id = summary["run_id"]
+        else:
+            expected = interrupts.Interrupted if ending == "interrupted" else RuntimeError
+            with pytest.raises(expected):
+                run(corpus, db_url, tmp_path)
+            (last,) = rows(db_url, "SELECT MAX(run_id) AS r FROM runs")
+            run_id = last["r"]
+    finally:
+        remove_listener(after_a_shard)
+        interrupts.uninstall(previous)
+        interrupts.reset()
+
+    (summary,) = rows(db_url, "SELECT * FROM v_run_summary WHERE run_id = :r", r=run_id)
+    committed = {
+        r["outcome"]: r["n"]
+        for r in rows(
+            db_url,
+            "SELECT outcome, COUNT(*) AS n FROM file_outcomes WHERE run_id = :r GROUP BY outcome",
+            r=run_id,
+        )
+    }
+    assert summary["status"] == ending, summary
+    assert summary["files_seen"] == sum(committed.values()), (summary, committed)
+    for outcome in ("predicted", "skipped", "failed"):
+        assert summary[outcome] == committed.get(outcome, 0), (summary, committed)
+    total = corpus["n_tree"] + corpus["n_arch"]
+    if ending == "completed":
+        assert summary["files_seen"] == total and summary["error"] is None
+    else:
+        assert stored[1] <= summary["files_seen"] < total  # stopped part-way, commits kept
+        reason = "SIGTERM" if ending == "interrupted" else "RuntimeError: the disk is full"
+        assert reason in summary["error"], summary["error"]
