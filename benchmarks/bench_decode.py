@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_decode.py            # ~2000 px images, 3 per syntax
     .venv/bin/python benchmarks/bench_decode.py --plugins  # also time every decoder backend
+    .venv/bin/python benchmarks/bench_decode.py --compare-with 71f93ea  # outputs vs a revision
 
 Writes synthetic radiographs (tasks.dicom.synth) to a temporary folder (or --dir, reused when it
 already holds them), then times ``tasks.dicom.pixels.preprocess`` (150 px model input) on them. One
@@ -9,23 +10,35 @@ line per configuration; the last line gives speed-ups over full decoding (target
 ``reduced`` is the default (decoded image >= 2x the model input); ``reduced-m1`` the smallest
 resolution level that still covers the input (faster, less accurate: see tasks/dicom/pixels.py).
 Numbers depend on the machine and its load; compare lines from one run only.
+
+``--compare-with REV`` times nothing: it runs this tree's ``preprocess`` and the one of
+``tasks/dicom/pixels.py`` at git revision ``REV`` on varied synthetic images (sizes 180-2600 px,
+8-16 bits, signed, rescale, clipping and wide LINEAR / LINEAR_EXACT / SIGMOID windows,
+percentiles, VOI LUT) and prints the largest and mean differences of the model inputs ([0, 1]
+units) and thumbnails (grey levels), each also against float64 arithmetic on every pixel
+followed by an area resize (Pillow's BOX filter in float32 mode, as tests/tasks/dicom does).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import multiprocessing as mp
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pydicom
+from PIL import Image
 
 from model.spec import PreprocessSpec
-from tasks.dicom import synth
-from tasks.dicom.decoders import REGISTRY, DecodeJob
+from tasks.dicom import pixels, synth
+from tasks.dicom.decoders import REGISTRY, DecodeJob, decode
 from tasks.dicom.pixels import DEFAULT_MAX_PIXELS, check_image, preprocess, transfer_syntax
 
 REDUCIBLE = ("j2k_lossless", "j2k", "jpeg_baseline")
@@ -109,6 +122,129 @@ def time_backends(paths: list[Path], syntax: str) -> None:
     print(f"backend syntax={syntax:18s} order={','.join(order)}")
 
 
+def pixels_at(rev: str):
+    """``tasks/dicom/pixels.py`` as it was at git revision ``rev``, as a module."""
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(
+        ["git", "show", f"{rev}:tasks/dicom/pixels.py"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    name = f"pixels_at_{rev}"
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
+    sys.modules[name] = module  # dataclasses look their module up
+    exec(compile(source, f"{rev}:tasks/dicom/pixels.py", "exec"), module.__dict__)
+    return module
+
+
+def comparison_images(folder: Path) -> list[tuple[str, Path | pydicom.Dataset]]:
+    """(name, file or data set) for :func:`compare_with`: the kinds of window the pixel path
+    treats differently, at sizes where the model input and thumbnail shrink or enlarge."""
+    rng = np.random.default_rng(7)
+    out: list[tuple[str, Path | pydicom.Dataset]] = []
+    cases = [
+        ("wide LINEAR", {"window_scale": 1.3}),
+        ("clipping LINEAR", {"window_scale": 0.7}),
+        ("wide LINEAR_EXACT", {"window_scale": 1.2, "voi_function": "LINEAR_EXACT"}),
+        ("clipping LINEAR_EXACT", {"window_scale": 0.8, "voi_function": "LINEAR_EXACT"}),
+        ("SIGMOID", {"window_scale": 1.0, "voi_function": "SIGMOID"}),
+        ("percentile", {"window": False}),
+        ("rescale+window", {"rescale": (0.5, -1024.0), "window_scale": 1.1}),
+        ("signed 16-bit", {"bits_stored": 16, "signed": True, "window_scale": 0.9}),
+        ("8-bit", {"bits_stored": 8, "window_scale": 1.2}),
+    ]
+    sizes = [(2000, 1840), (2600, 2140), (1001, 877), (480, 400), (181, 150)]
+    for i, (name, changes) in enumerate(cases):
+        for j, (rows, cols) in enumerate(sizes):
+            if (i + j) % 2 and rows < 2000:
+                continue  # keep the run short: every case at the large sizes, half at others
+            params = synth.ImageParams(
+                rows=rows,
+                columns=cols,
+                photometric=("MONOCHROME1", "MONOCHROME2")[(i + j) % 2],
+                **{"bits_stored": 12, **changes},
+            )
+            path = folder / "compare" / f"{i}-{j}.dcm"
+            synth.write_image(path, params, positive=bool(j % 2), seed=int(rng.integers(1000)))
+            out.append((f"{name} {rows}x{cols}", path))
+    # a VOI LUT Sequence (a gamma curve over the data's range)
+    ds = pydicom.dcmread(out[0][1])
+    stored = ds.pixel_array.astype(np.int64)
+    low, high = int(stored.min()), int(stored.max())
+    curve = (((np.arange(high - low + 1) / (high - low)) ** 0.6) * 4095).astype(np.uint16)
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [len(curve), low, 12]
+    item.LUTData = curve.tolist()
+    ds.VOILUTSequence = [item]
+    out.append(("VOI LUT 2000x1840", ds))
+    return out
+
+
+def _reference(module, src, spec: PreprocessSpec, shapes) -> list[np.ndarray]:
+    """float64 display values of every pixel (this tree's transforms, unquantised), area-resized
+    with Pillow's BOX filter in float32 mode."""
+    ds = module.read_dataset(src)
+    ds, tsyntax = module.transfer_syntax(ds, {})
+    layout, photometric = module.check_image(ds, tsyntax, DEFAULT_MAX_PIXELS)
+    stats = module.StoredValues(decode(ds, tsyntax, layout).array, layout)
+    modality = module.modality_transform(ds, layout)
+    voi = module.voi_transform(ds, spec, modality, stats)
+    invert, _ = module.inversion(ds, photometric)
+    table = module.display_table(stats, modality, voi, invert)
+    full = Image.fromarray(np.take(table, stats.index).astype(np.float32))
+    return [
+        np.asarray(full.resize((c, r), Image.Resampling.BOX), dtype=np.float64) for r, c in shapes
+    ]
+
+
+def compare_with(rev: str, folder: Path) -> None:
+    old = pixels_at(rev)
+    spec = PreprocessSpec()
+    size = spec.input_size
+    worst: dict[str, list[float]] = {}
+
+    def add(key: str, diff: np.ndarray) -> None:
+        worst.setdefault(key, [0.0, 0.0, 0])  # type: ignore[list-item]
+        entry = worst[key]
+        entry[0] = max(entry[0], float(np.abs(diff).max()))
+        entry[1] += float(np.abs(diff).sum())
+        entry[2] += diff.size
+
+    print(f"# this tree vs tasks/dicom/pixels.py at {rev}; model input {size} px, thumbnail 256")
+    for name, src in comparison_images(folder):
+        new_pre = preprocess(src, spec, thumbnail_size=256)
+        old_pre = old.preprocess(src, spec, thumbnail_size=256)
+        tshape = new_pre.thumbnail.shape
+        ref_model, ref_thumb = _reference(pixels, src, spec, [(size, size), tshape])
+        new_unit = new_pre.image[0] * spec.std[0] + spec.mean[0]
+        old_unit = old_pre.image[0] * spec.std[0] + spec.mean[0]
+        ref_u8 = np.clip(np.rint(ref_thumb * 255.0), 0, 255)
+        diffs = {
+            "model new-old": new_unit - old_unit,
+            "model new-float64": new_unit - ref_model,
+            "model old-float64": old_unit - ref_model,
+            "thumb new-old": new_pre.thumbnail.astype(float) - old_pre.thumbnail,
+            "thumb new-float64": new_pre.thumbnail.astype(float) - ref_u8,
+            "thumb old-float64": old_pre.thumbnail.astype(float) - ref_u8,
+        }
+        for key, diff in diffs.items():
+            add(key, diff)
+        linear = new_pre.facts.get("window_linear")
+        print(
+            f"{name:28s} linear={linear!s:5s} "
+            f"model max|new-old|={np.abs(diffs['model new-old']).max():.2e} "
+            f"max|new-f64|={np.abs(diffs['model new-float64']).max():.2e} "
+            f"max|old-f64|={np.abs(diffs['model old-float64']).max():.2e}  "
+            f"thumb max|new-old|={np.abs(diffs['thumb new-old']).max():.0f} "
+            f"mean={np.abs(diffs['thumb new-old']).mean():.3f} levels"
+        )
+    for key, (biggest, total, count) in worst.items():
+        unit = "grey levels" if key.startswith("thumb") else "[0, 1]"
+        print(f"overall {key:18s} max {biggest:.3g} mean {total / count:.3g} ({unit})")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=2000, help="image rows (columns are 90%%)")
@@ -117,7 +253,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--syntaxes", default=",".join(DEFAULT_SYNTAXES), help="comma-separated")
     ap.add_argument("--dir", type=Path, default=None, help="keep/reuse the images here")
     ap.add_argument("--plugins", action="store_true", help="also time each decoder backend")
+    ap.add_argument("--compare-with", metavar="REV", help="compare outputs with git revision REV")
     args = ap.parse_args(argv)
+    if args.compare_with:
+        with tempfile.TemporaryDirectory(prefix="bench_decode_") as tmp:
+            compare_with(args.compare_with, Path(tmp))
+        return
     syntaxes = [s for s in args.syntaxes.split(",") if s]
     spec = PreprocessSpec()
 

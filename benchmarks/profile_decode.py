@@ -49,7 +49,7 @@ STEPS: list[tuple[str, tuple[tuple[str, str], ...]]] = [
         "reduce: 2 Pillow resizes",
         (("~", "<method 'resize' of 'ImagingCore' objects>"),),
     ),
-    ("reduce: one pass, both", (("tasks/dicom/pixels.py", "box_means"),)),
+    ("window + reduce, one pass", (("tasks/dicom/pixels.py", "box_means"),)),
     ("thumbnail JPEG write", (("tasks/dicom/thumbnails.py", "write_thumbnail"),)),
 ]
 
@@ -113,7 +113,7 @@ def main() -> None:
     window = first.facts.get("window", {})
     print(
         f"# {args.rows} x {int(args.rows * 0.92)} {args.syntax}, window {window.get('source')}"
-        f" (scale {args.window_scale}), linear path: {first.facts.get('linear_window', False)}"
+        f" (scale {args.window_scale}), linear path: {first.facts.get('window_linear')}"
     )
     walls: dict[str, list[float]] = {"without thumbnail": [], "with thumbnail": []}
     steps: list[dict[str, float | None]] = []

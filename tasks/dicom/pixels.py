@@ -13,14 +13,18 @@ The chain, in the order DICOM defines it (PS3.3 C.11, PS3.4 N.2):
    scaled to [0, 1];
 5. MONOCHROME1 (or a Presentation LUT Shape of INVERSE) inverted *after* the VOI, so air is dark
    and bone bright in every output;
-6. area (box) resize to ``input_size`` x ``input_size``; replicate to ``channels``; normalise.
+6. area (box) resize to ``input_size`` x ``input_size`` (and the thumbnail's size); replicate to
+   ``channels``; normalise.
 
 Steps 3-5 are composed into one function of the stored value, evaluated once per distinct
-stored value (a lookup table of at most 2^16 entries) and applied to the image with one
-``take`` into a uint16 image that Pillow resizes without a copy. This is the order DICOM
-defines (window first, then resize: they do not commute where the window clips or is a LUT),
-to within 5e-5 of float64 arithmetic, and cheaper than float64 per-pixel windowing
-(``apply_voi_lut``) or a float resize.
+stored value (a table of at most 2^16 entries, :func:`display_table`). Step 6 is one pass over
+the image for both outputs (:class:`BoxPlan`): each output pixel is the exact mean of a
+rectangle of whole pixels, Pillow's BOX rule. The table is applied in that pass, a chunk of rows
+at a time, as 16-bit levels (within 0.5/65535 of float64 arithmetic on every pixel, in the order
+DICOM defines: window first, then resize; they do not commute where the window clips or is a
+LUT); when the table is a straight line over the values the image holds (a window that clips
+nothing), the line is applied to the box means instead (within 1e-9), and no lookup is done at
+full resolution (:func:`box_means`).
 
 What is refused (``InputError``, the file fails with the reason), besides what cannot be read or
 decoded: a LUT or rescale that would put a NaN or an infinity into the model input, and an
@@ -42,7 +46,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
+import itertools
 import math
 import os
 import re
@@ -52,7 +58,6 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import numpy as np
-from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
@@ -92,6 +97,7 @@ part of the display range is nearly constant: a blank or failed exposure, or a w
 saturates the whole image. It is refused instead of scored. 0.02 is about 5 of 255 grey levels;
 a windowed chest radiograph spans most of the range (the synthetic and real test images > 0.5).
 """
+GUARD_PERCENTILES = (1.0, 99.0)
 
 Source = str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO | Dataset
 
@@ -204,9 +210,12 @@ def _preprocess(
         facts["inverted_by"] = invert_reason
 
     table = display_table(stats, modality, voi, invert)
-    check_not_constant(table, stats, voi)
-    windowed = _resizer(table, stats)
-    small = windowed((size, size))
+    plan = BoxPlan(*stored.shape, [(size, size)] + ([thumb] if thumb is not None else []))
+    means, facts["window_linear"] = box_means(stats, table, plan)
+    # the exact guard needs the histogram; box means usually prove it passes without one
+    if stats.padding is not None or stats.counts_known or not plan.clearly_not_constant(means):
+        check_not_constant(table, stats, voi)
+    small = means[0].astype(np.float32)
     image = np.empty((spec.channels, size, size), dtype=np.float32)
     for c in range(spec.channels):
         np.subtract(small, np.float32(spec.mean[c]), out=image[c])
@@ -215,7 +224,7 @@ def _preprocess(
         raise InputError("the model input holds NaN or infinite values")
     thumbnail = None
     if thumb is not None:
-        thumbnail = to_uint8(windowed(thumb, exact=False))
+        thumbnail = to_uint8(means[1])
         facts["thumbnail_shape"] = list(thumbnail.shape)
     facts["input_size"] = size
     return Preprocessed(
@@ -491,11 +500,27 @@ class StoredValues:
             self._index = self.arr.astype(np.int32) - np.int32(self.min)
         return self._index
 
+    def index_rows(self, start: int, stop: int) -> np.ndarray:
+        """``index`` of rows ``start .. stop - 1`` (without making the whole ``index``)."""
+        if self._index is not None:
+            return self._index[start:stop]
+        return np.subtract(self.arr[start:stop], self.min, dtype=np.intp)
+
+    @property
+    def counts_known(self) -> bool:
+        return self._counts is not None
+
     @property
     def counts(self) -> np.ndarray:
-        """Pixel count per ``domain`` value."""
+        """Pixel count per ``domain`` value (counted a chunk of rows at a time)."""
         if self._counts is None:
-            self._counts = np.bincount(self.index.ravel(), minlength=len(self.domain))
+            rows = self.arr.shape[0] if self.arr.ndim == 2 else 1
+            step = max(1, CHUNK_PIXELS * rows // max(1, self.arr.size))
+            counts = np.zeros(len(self.domain), dtype=np.int64)
+            for start in range(0, rows, step):
+                chunk = self.index_rows(start, start + step) if self.arr.ndim == 2 else self.index
+                counts += np.bincount(chunk.ravel(), minlength=len(self.domain))
+            self._counts = counts
         return self._counts
 
     def statistics_counts(self) -> tuple[np.ndarray, bool]:
@@ -803,7 +828,7 @@ def check_not_constant(table: np.ndarray, stats: StoredValues, voi: Transform) -
     present = counts > 0
     values, weights = table[present], counts[present]
     order = np.argsort(values, kind="stable")
-    low, high = weighted_percentiles(values[order], weights[order], (1.0, 99.0))
+    low, high = weighted_percentiles(values[order], weights[order], GUARD_PERCENTILES)
     spread = high - low
     if spread >= MIN_DISPLAY_SPREAD:
         return
@@ -818,32 +843,226 @@ def check_not_constant(table: np.ndarray, stats: StoredValues, voi: Transform) -
     )
 
 
-def _resizer(table: np.ndarray, stats: StoredValues) -> Callable[..., np.ndarray]:
-    """A function (rows, cols) -> float32 [0, 1] image, area-resized from the windowed image.
+# -- one reduction pass: window, then box means for the model input and the thumbnail ----------
 
-    The displayed value of every distinct stored value (:func:`display_table`: modality LUT,
-    VOI and inversion, evaluated once per value) is quantised to 16 bits (1/65535); one
-    ``take`` windows the image and Pillow's BOX filter resizes the uint16 image without
-    copying it. Against float64 arithmetic on every pixel followed by a float resize the result
-    differs by less than 5e-5 (measured up to 3.1e-5: quantisation plus Pillow's rounding of
-    I;16 output), in the order DICOM defines (window, then resize) whether or not the window
-    clips.
+
+CHUNK_PIXELS = 1 << 16
+"""Rows are windowed and summed in chunks of about this many pixels, so that a chunk, its
+lookup index and its display levels stay in a core's L2 cache instead of making full-size
+temporaries (a 2000 px image's int64 index alone was 30 MB)."""
+
+LINEAR_TOLERANCE = 1e-9
+"""The display table is a straight line over the image's stored values when no entry is further
+than this from the line through its ends ([0, 1] units). The line is then applied to box means
+of the stored values, which equals the box mean of the line's values to within this bound
+(a mean commutes with a linear map), and no table lookup is done at full resolution."""
+
+GUARD_BINS = 4096
+GUARD_MARGIN = 2e-5
+"""Slack for :meth:`BoxPlan.clearly_not_constant` on means of 16-bit levels: each level is
+within 0.5/65535 of the exact display value, so a difference of two means within 1/65535."""
+
+
+@functools.lru_cache(maxsize=512)
+def box_bounds(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first, count): output pixel ``j`` of an area (BOX) resize from ``in_size`` to
+    ``out_size`` pixels is the mean of input pixels ``first[j] .. first[j] + count[j] - 1``.
+
+    The rule is Pillow's (``precompute_coeffs`` for its BOX filter), evaluated with the same
+    double-precision operations: ``center = (j + 0.5) * scale``; candidates
+    ``int(center - support + 0.5) .. int(center + support + 0.5) - 1`` clipped to the image;
+    weight 1 where ``-0.5 < (x - center + 0.5) / filterscale <= 0.5``. A pixel counts whole for
+    the output pixel its centre falls in: when shrinking, the boxes cut the input into runs of
+    whole pixels; when enlarging, each output pixel takes one input pixel. The arrays are
+    cached and read-only.
     """
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"sizes must be positive, not {in_size} -> {out_size}")
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 0.5 * filterscale
+    center = (np.arange(out_size, dtype=np.float64) + 0.5) * scale
+    low = np.maximum((center - support + 0.5).astype(np.int64), 0)
+    high = np.minimum((center + support + 0.5).astype(np.int64), in_size)
+    width = max(int((high - low).max()), 1)
+    x = low[:, None] + np.arange(width)[None, :]
+    arg = (x.astype(np.float64) - center[:, None] + 0.5) * (1.0 / filterscale)
+    ones = (arg > -0.5) & (arg <= 0.5) & (x < high[:, None])
+    count = ones.sum(axis=1)
+    if not count.all():  # cannot happen for sizes >= 1; Pillow would write 0 there
+        raise ValueError(f"an output pixel of {in_size} -> {out_size} has no input pixel")
+    first = low + np.argmax(ones, axis=1)
+    for arr in (first, count):
+        arr.flags.writeable = False
+    return first, count
+
+
+class BoxPlan:
+    """Box means of one image for several output shapes (model input, thumbnail) in one pass.
+
+    Every output pixel of :func:`box_bounds` is a rectangle of whole input pixels. The row
+    boundaries of all the shapes cut the image's rows into segments (2000 rows to 150 and 256:
+    386 segments of 1-8 rows); :meth:`sum_rows` sums each segment's rows in one pass over the
+    image (exact integers), and :meth:`means` gets each output pixel's sum as differences of
+    prefix sums over the segments and columns (small arrays). The means are exact for every
+    shape: no rounding between passes (Pillow's 16-bit resampler rounds after each of its two)
+    and no subsampling for the thumbnail.
+    """
+
+    def __init__(self, rows: int, columns: int, shapes: list[tuple[int, int]]) -> None:
+        self.rows, self.columns = rows, columns
+        self.shapes = [(int(r), int(c)) for r, c in shapes]
+        self.row_boxes = [box_bounds(rows, r) for r, _ in self.shapes]
+        self.column_boxes = [box_bounds(columns, c) for _, c in self.shapes]
+        self.cuts = np.unique(
+            np.concatenate([np.concatenate([f, f + n]) for f, n in self.row_boxes])
+        )
+        cuts = self.cuts.tolist()
+        self.longest = max(b - a for a, b in itertools.pairwise(cuts))
+        # chunks of consecutive segments, about CHUNK_PIXELS pixels each: (first row, last row
+        # + 1, [(segment, first row, last row + 1) relative to the chunk])
+        per_chunk = max(1, CHUNK_PIXELS // columns)
+        self.chunks: list[tuple[int, int, list[tuple[int, int, int]]]] = []
+        s = 0
+        while s < len(cuts) - 1:
+            start, e = cuts[s], s + 1
+            while e < len(cuts) - 1 and cuts[e + 1] - start <= per_chunk:
+                e += 1
+            segments = [(k, cuts[k] - start, cuts[k + 1] - start) for k in range(s, e)]
+            self.chunks.append((start, cuts[e], segments))
+            s = e
+
+    def sum_rows(self, rows_of: Callable[[int, int], np.ndarray], largest: int) -> np.ndarray:
+        """(segments, columns) sums of the rows of each segment; ``rows_of(a, b)`` gives rows
+        ``a .. b - 1`` of the values to average (a chunk at a time), ``largest`` bounds their
+        magnitude (it picks an accumulator that cannot overflow)."""
+        dtype = np.int32 if self.longest * largest < 1 << 31 else np.int64
+        out = np.empty((len(self.cuts) - 1, self.columns), dtype=dtype)
+        for start, stop, segments in self.chunks:
+            block = rows_of(start, stop)
+            for k, a, b in segments:
+                np.add.reduce(block[a:b], axis=0, dtype=dtype, out=out[k])
+        return out
+
+    def means(self, sums: np.ndarray) -> list[np.ndarray]:
+        """float64 box means for each shape from :meth:`sum_rows`'s segment sums."""
+        # the image's integral (sum of everything above and left of a point), at the shapes'
+        # column edges x row cuts; numpy scans only the last axis fast, so the table is held
+        # transposed: integral[e, r] for column edge ``edges[e]`` and row cut ``cuts[r]``
+        segments = len(sums)
+        prefix = np.empty((segments, self.columns + 1), dtype=np.int64)
+        prefix[:, 0] = 0
+        np.cumsum(sums, axis=1, dtype=np.int64, out=prefix[:, 1:])
+        edges = np.unique(
+            np.concatenate([np.concatenate([f, f + n]) for f, n in self.column_boxes])
+        )
+        integral = np.empty((len(edges), segments + 1), dtype=np.int64)
+        integral[:, 0] = 0
+        np.cumsum(np.ascontiguousarray(prefix[:, edges].T), axis=1, out=integral[:, 1:])
+        out = []
+        for (rf, rn), (cf, cn) in zip(self.row_boxes, self.column_boxes, strict=True):
+            left, right = np.searchsorted(edges, cf), np.searchsorted(edges, cf + cn)
+            top, bottom = np.searchsorted(self.cuts, rf), np.searchsorted(self.cuts, rf + rn)
+            # whole-row gathers only (fast): columns first, then rows of the transpose
+            across = np.ascontiguousarray((integral[right] - integral[left]).T)
+            totals = across[bottom] - across[top]
+            out.append(totals / np.outer(rn, cn).astype(np.float64))
+        return out
+
+    def partitions(self, k: int) -> bool:
+        """Whether shape ``k``'s boxes hold every pixel of the image exactly once."""
+        return all(
+            first[0] == 0
+            and first[-1] + count[-1] == size
+            and np.array_equal(first[1:], first[:-1] + count[:-1])
+            for (first, count), size in (
+                (self.row_boxes[k], self.rows),
+                (self.column_boxes[k], self.columns),
+            )
+        )
+
+    def clearly_not_constant(self, means: list[np.ndarray]) -> bool:
+        """True when the box means prove that the image passes :func:`check_not_constant`:
+        the 1st-99th percentile spread of its displayed pixels is at least
+        :data:`MIN_DISPLAY_SPREAD`. False proves nothing (the histogram then decides).
+
+        Why: were the spread below s = MIN_DISPLAY_SPREAD, the interval I = [P1, P99] would hold
+        all pixels ranked from ceil(0.01 (n - 1)) to floor(0.99 (n - 1)), so at most
+        D = 0.02 n + 2 pixels lie outside it, each at most 1 away (values are in [0, 1]). A box
+        mean is no further from I than the mean distance of its pixels, so boxes whose mean is
+        more than d from I hold fewer than D / d pixels. Hence the boxes with the lowest means
+        that together hold at least D / d pixels include one within d of I: its mean, and so
+        the highest of theirs (``low``), is >= P1 - d; likewise ``high`` <= P99 + d, and
+        high - low < s + 2 d. A difference of s + 2 d or more (plus :data:`GUARD_MARGIN`) for
+        any d therefore proves the spread is at least s. Needs boxes that hold every pixel
+        exactly once (shrinking); Pixel Padding (left out of the guard's statistics) is the
+        caller's to exclude.
+        """
+        for k in sorted(range(len(self.shapes)), key=lambda i: -means[i].size):
+            if not self.partitions(k):
+                continue
+            # pixels per box, histogrammed by mean in bins of 1/GUARD_BINS: ``low`` is taken at
+            # its bin's upper edge and ``high`` at its bin's lower edge (conservative)
+            weights = np.outer(self.row_boxes[k][1], self.column_boxes[k][1]).ravel()
+            bins = np.clip((means[k].ravel() * GUARD_BINS).astype(np.intp), 0, GUARD_BINS - 1)
+            per_bin = np.bincount(bins, weights=weights, minlength=GUARD_BINS)
+            upto = np.cumsum(per_bin)  # pixels in bins 0..i
+            n = float(upto[-1])
+            from_top = n - upto + per_bin  # pixels in bins i..end
+            spread = (GUARD_PERCENTILES[1] - GUARD_PERCENTILES[0]) / 100.0
+            outside = (1.0 - spread) * n + 2.0
+            for d in (0.05, 0.1, 0.2, 0.3):
+                need = outside / d
+                if need > n:
+                    continue
+                low = (int(np.searchsorted(upto, need)) + 1) / GUARD_BINS
+                high = (int(np.searchsorted(-from_top, -need, side="right")) - 1) / GUARD_BINS
+                if high - low >= MIN_DISPLAY_SPREAD + 2 * d + GUARD_MARGIN:
+                    return True
+            return False
+        return False
+
+
+def display_line(table: np.ndarray, stats: StoredValues) -> tuple[float, float] | None:
+    """(displayed value of ``stats.min``, slope per stored unit) when ``table`` is a straight
+    line over the stored values ``stats.min .. stats.max`` (to :data:`LINEAR_TOLERANCE`): a
+    modality rescale with a linear window that clips nothing the image holds. None otherwise
+    (the window clips, a sigmoid, a LUT)."""
+    start = int(np.searchsorted(stats.domain, stats.min))
+    stop = int(np.searchsorted(stats.domain, stats.max, side="right"))
+    x, t = stats.domain[start:stop], table[start:stop]
+    if len(t) == 0:
+        return None
+    if len(t) == 1:
+        return float(t[0]), 0.0
+    slope = (t[-1] - t[0]) / float(x[-1] - x[0])
+    if np.max(np.abs(t - (t[0] + slope * (x - x[0])))) > LINEAR_TOLERANCE:
+        return None
+    return float(t[0]), float(slope)
+
+
+def box_means(
+    stats: StoredValues, table: np.ndarray, plan: BoxPlan
+) -> tuple[list[np.ndarray], bool]:
+    """The displayed image (``table`` of each pixel's stored value, DICOM order: window
+    first), box-averaged to each of ``plan.shapes`` in one pass: float64 [0, 1] images, and
+    whether the straight-line path was taken.
+
+    Straight line (:func:`display_line`): box means of the stored values, then the line; no
+    lookup at full resolution; within :data:`LINEAR_TOLERANCE` (+ float64 rounding) of
+    float64 arithmetic on every pixel. Otherwise the table is quantised to 16 bits (1/65535),
+    looked up a chunk of rows at a time and the levels summed exactly: within 0.5/65535
+    (7.7e-6) of float64 arithmetic on every pixel followed by an exact box mean, whether or not
+    the window clips. (Until 2026-11 the path rounded twice more in Pillow's resampler, up to
+    3.1e-5, and subsampled the thumbnail.)
+    """
+    line = display_line(table, stats)
+    if line is not None:
+        value, slope = line
+        largest = max(abs(stats.min), abs(stats.max))
+        sums = plan.sum_rows(lambda a, b: stats.arr[a:b], largest)
+        low = stats.min
+        return [np.clip(value + slope * (m - low), 0.0, 1.0) for m in plan.means(sums)], True
     levels = np.rint(table * DISPLAY_LEVELS).astype(np.uint16)
-    full = np.take(levels, stats.index)
-    source = Image.fromarray(full)
-
-    def resized(shape: tuple[int, int], exact: bool = True) -> np.ndarray:
-        """``exact=False`` (thumbnails for people): box-average every k-th pixel, k chosen so
-        that at least 2 samples per output pixel remain in each direction; ~4x cheaper than
-        the exact box filter at 2000 px (2.3 vs 9.6 ms) and indistinguishable at thumbnail
-        size. The model's input is always exact."""
-        img = source
-        if not exact:
-            k = int(min(full.shape[0] / shape[0], full.shape[1] / shape[1]) // 2)
-            if k > 1:
-                img = Image.fromarray(np.ascontiguousarray(full[::k, ::k]))
-        out = np.asarray(img.resize((shape[1], shape[0]), Image.Resampling.BOX))
-        return out.astype(np.float32) / np.float32(DISPLAY_LEVELS)
-
-    return resized
+    sums = plan.sum_rows(lambda a, b: levels.take(stats.index_rows(a, b)), DISPLAY_LEVELS)
+    return [m / DISPLAY_LEVELS for m in plan.means(sums)], False

@@ -21,7 +21,7 @@ from tasks.dicom.outcomes import InputError
 from tasks.dicom.thumbnails import thumbnail_shape, write_thumbnail
 
 SPEC = PreprocessSpec()
-TOL = 5e-5  # the pixel path vs float64 arithmetic: 16-bit display levels + Pillow's I;16 rounding
+TOL = 5e-5  # the pixel path vs float64 arithmetic (tighter bounds: test_one_pass.py)
 
 
 def unit(image: np.ndarray, spec: PreprocessSpec = SPEC, channel: int = 0) -> np.ndarray:
@@ -357,8 +357,9 @@ def test_thumbnail_comes_from_the_same_windowed_image(tmp_path):
 
 
 def test_sampled_thumbnail_of_a_large_image_matches_the_model_input(tmp_path):
-    """At 2000 px the thumbnail box-averages every 3rd pixel (not every pixel, as the model's
-    input does): brought to 150 px it still equals the model's input to within 1% (mean)."""
+    """At 2000 px the thumbnail comes from the same pass as the model's input (exact box means,
+    tests/tasks/dicom/test_one_pass.py): brought to 150 px it equals the model's input to
+    within 1% (mean)."""
     path = write(tmp_path, rows=2000, columns=1800, photometric="MONOCHROME1")
     res = px.preprocess(path, SPEC, thumbnail_size=256)
     assert res.thumbnail.shape == thumbnail_shape(2000, 1800, 256)
