@@ -372,10 +372,19 @@ def test_reviewer_login_reads_views_appends_reviews_and_nothing_else(screened):
         views = {name for name, kind, _, _ in grants if kind == "v"}
         assert views and all(v.startswith("v_") for v in views)
         # The views; and, read-only, the schema version (cxr-screen checks it before a query
-        # or a review) and the reviews id sequence (currval: the id of the review just added).
-        assert table_grants == {(v, "SELECT") for v in views} | {("alembic_version", "SELECT")}
+        # or a review), the review page's logins (to check a password against its argon2
+        # hash; SECURITY.md says so) and the reviews id sequence (currval: the id of the
+        # review just added).
+        assert table_grants == {(v, "SELECT") for v in views} | {
+            ("alembic_version", "SELECT"),
+            ("web_users", "SELECT"),
+        }
         # the review columns, nothing else
-        assert set(columns) == {("reviews", "INSERT"), ("alembic_version", "SELECT")}
+        assert set(columns) == {
+            ("reviews", "INSERT"),
+            ("alembic_version", "SELECT"),
+            ("web_users", "SELECT"),
+        }
         assert sequences == [] and create_in_schema is False
         assert readable_sequences == ["reviews_review_id_seq"]
 
@@ -398,6 +407,8 @@ def test_reviewer_login_reads_views_appends_reviews_and_nothing_else(screened):
         for statement in (
             "SELECT * FROM instances",
             "SELECT * FROM runs",
+            "UPDATE web_users SET password_hash = 'x'",
+            "INSERT INTO web_users (username) VALUES ('intruder')",
             "SELECT review_id FROM reviews",
             "UPDATE reviews SET decision = 'disagree'",
             "DELETE FROM reviews",
