@@ -51,8 +51,8 @@ from sql import manifests as store
 from sql.db import session_factory
 from tasks import manifests as fan
 from tasks import prefect_tasks as t
+from tasks.device.processor import shard_processor
 from tasks.dicom.selection import SelectionPolicy
-from tasks.screening import ShardProcessor
 
 WORK_POOL = "cxr-screen"
 SHARD_QUEUE = "shards"
@@ -188,8 +188,9 @@ def _screen_manifest(
     logger = get_run_logger()
     with (
         holding_device(device_slot(settings)),
-        ShardProcessor(
+        shard_processor(
             checkpoint,
+            pixel_path=settings.pixel_path,
             device=settings.device,
             workers=settings.workers,
             batch_size=settings.batch_size,

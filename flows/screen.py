@@ -31,10 +31,11 @@ from flows.progress import report
 from flows.settings import Settings, get_settings
 from model.predictor import resolve_device
 from tasks import prefect_tasks as t
+from tasks.device.processor import shard_processor
 from tasks.dicom.selection import SelectionPolicy
 from tasks.ingest import estimate_total, scan, shards
 from tasks.interrupts import held, in_charge, note, signal_of
-from tasks.screening import RunContext, ShardProcessor, ShardRows, close_run
+from tasks.screening import RunContext, ShardRows, close_run
 from tasks.shard_loop import ShardLoop, ShardSteps, Tally
 
 DEFAULT_SCREEN = ScreenParameters()  # frozen: one instance serves every call
@@ -120,8 +121,9 @@ def screen_on(
     with the counts of the shards that committed.
     """
     checkpoint = t.load_model(model_path)
-    processor = ShardProcessor(
+    processor = shard_processor(
         checkpoint,
+        pixel_path=settings.pixel_path,
         device=settings.device,
         workers=settings.workers,
         batch_size=settings.batch_size,

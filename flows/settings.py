@@ -12,6 +12,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,6 +42,12 @@ class Settings(BaseSettings):
     shard_size: int = 256
     workers: int | None = None
     batch_size: int | None = None
+    pixel_path: Literal["auto", "device", "cpu"] = Field(
+        default="auto",
+        description="Where windowing and resizing run: auto (on the GPU when the model runs on "
+        "CUDA), device (the device path, tasks/device; also on a CPU) or cpu (in the decode "
+        "workers)",
+    )
     stale_run_hours: float | None = Field(
         default=6.0,
         description="A run still 'running' whose last shard commit (heartbeat) is older than "
