@@ -7,10 +7,12 @@
 
 Generates one synthetic CR image, sets the allocator up as the decode workers do
 (``keep_freed_memory``), warms up, then, ``--rounds`` times: ms per call with and without the
-review thumbnail (wall clock, no profiler), and a profiled round split into steps (the
-cumulative time of the functions that do each step, ms per image, profiler overhead included).
-Prints the median of every number over the rounds (the machine is shared: single rounds are
-noisy), then the functions that took the most time in the last profiled round.
+review thumbnail (CPU time of this process and wall clock, no profiler), and a profiled round
+split into steps (the cumulative wall time of the functions that do each step, ms per image;
+a CPU-clock profiler would add a system call per function call and inflate steps made of many
+small calls, such as parsing). Prints the median of every number over the rounds (the machine is shared: single
+rounds are noisy, CPU time less so than wall time), then the functions that took the most time
+in the last profiled round.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ STEPS: list[tuple[str, tuple[tuple[str, str], ...]]] = [
     ("decode (+ bits check)", (("tasks/dicom/decoders/registry.py", "decode"),)),
     ("px1 fingerprint", (("tasks/dicom/fingerprint.py", "of_pixels"),)),
     (
-        "min/max (StoredValues)",
+        "min/max, plan (__init__s)",
         (("tasks/dicom/pixels.py", "__init__"),),
     ),
     ("histogram (counts)", (("tasks/dicom/pixels.py", "counts"),)),
@@ -115,15 +117,18 @@ def main() -> None:
         f"# {args.rows} x {int(args.rows * 0.92)} {args.syntax}, window {window.get('source')}"
         f" (scale {args.window_scale}), linear path: {first.facts.get('window_linear')}"
     )
-    walls: dict[str, list[float]] = {"without thumbnail": [], "with thumbnail": []}
+    walls: dict[str, list[float]] = {}
     steps: list[dict[str, float | None]] = []
     profile_stats = None
     for r in range(args.rounds):
         for label, thumbnails in (("without thumbnail", None), ("with thumbnail", thumbs)):
             calls(thumbnails, f"warm{r}")
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             calls(thumbnails, f"timed{r}")
-            walls[label].append((time.perf_counter() - started) / args.calls * 1000)
+            cpu = (time.process_time() - cpu) / args.calls * 1000
+            wall = (time.perf_counter() - started) / args.calls * 1000
+            walls.setdefault(f"{label}, CPU", []).append(cpu)
+            walls.setdefault(f"{label}, wall", []).append(wall)
         profile = cProfile.Profile()
         profile.enable()
         calls(thumbs, f"profiled{r}")
@@ -133,8 +138,8 @@ def main() -> None:
     print(f"median of {args.rounds} rounds of {args.calls} images, ms per image:")
     for label, values in walls.items():
         shown = " ".join(f"{v:.1f}" for v in values)
-        print(f"  decode_item {label:18s} {statistics.median(values):6.1f}   ({shown})")
-    print("steps (profiled, with thumbnail):")
+        print(f"  decode_item {label:24s} {statistics.median(values):6.1f}   ({shown})")
+    print("steps (profiled, with thumbnail; wall time):")
     for name, _ in STEPS:
         values = [s[name] for s in steps if s[name] is not None]
         if not values:
