@@ -19,6 +19,8 @@ block when it is closed (and Python's resource tracker does if the owner dies).
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 from collections import OrderedDict
 from collections.abc import Iterable
 from multiprocessing import shared_memory
@@ -38,6 +40,7 @@ class Arena:
 
     def __init__(self, nbytes: int, *, pin: bool = False) -> None:
         self.size = aligned(max(nbytes, ALIGN))
+        _check_room(self.size)
         self._shm = shared_memory.SharedMemory(create=True, size=self.size)
         self.name = self._shm.name
         self.array = np.ndarray((self.size,), dtype=np.uint8, buffer=self._shm.buf)
@@ -71,6 +74,22 @@ class Arena:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+SHM = "/dev/shm"
+
+
+def _check_room(size: int) -> None:
+    """``OSError`` unless the shared-memory file system has room for ``size`` bytes. (Creating
+    a larger block succeeds, sparse; a worker writing past the room then dies of SIGBUS.)"""
+    if not os.path.isdir(SHM):
+        return  # not Linux's tmpfs: nothing to check
+    free = shutil.disk_usage(SHM).free
+    if free < size:
+        raise OSError(
+            f"{SHM} has {free / 2**30:.1f} GiB free, an arena of {size / 2**30:.1f} GiB does "
+            "not fit (a container's --shm-size, say)"
+        )
 
 
 def plan(sizes: Iterable[int | None], capacity: int) -> list[tuple[int, int] | None]:

@@ -8,7 +8,8 @@ For each batch (:class:`DevicePixels`), in the process that owns the device:
    (reused once its copy is done). Compressed frames are decoded there instead, batched across
    the images (``frame_decoder``, e.g. nvImageCodec), and left on the device.
 2. **count** (stats stream, after the copy): Bits Stored corrected (frames), each pixel's index
-   into the batch's table computed once, one ``bincount`` for the whole batch's histograms;
+   into the batch's table computed once, the whole batch's histograms counted in one vector
+   (``index_add_`` on a GPU: ``bincount`` would wait for the device to size its output);
    the histograms (a few KB per image) come back to the host.
 3. **tables** (host): each image's display table from its histogram and header with the CPU
    path's own functions (``tasks.device.tables``): modality LUT, VOI LUT / window /
@@ -248,7 +249,7 @@ class DevicePixels:
         total = int(sum(batch.bins))
         with s.on(s.stats):
             s.wait(copied, s.stats)
-            histogram = torch.zeros(max(total, 1), dtype=torch.int64, device=self.device)
+            histogram = torch.zeros(max(total, 1), dtype=torch.int32, device=self.device)
             raw_high = torch.zeros(n, dtype=torch.int64, device=self.device)
             by_key: dict[tuple, list[int]] = defaultdict(list)
             for i, values in on_device.items():
@@ -262,7 +263,7 @@ class DevicePixels:
                 self._count(batch, group, histogram, raw_high)
                 batch.groups.append(group)
             host = torch.empty(histogram.shape, dtype=torch.int32, pin_memory=s.cuda)
-            host.copy_(histogram.to(torch.int32), non_blocking=True)
+            host.copy_(histogram, non_blocking=True)
             high_host = torch.empty(n, dtype=torch.int64, pin_memory=s.cuda)
             high_host.copy_(raw_high, non_blocking=True)
             batch.histogram, batch.raw_high = host, high_host
@@ -341,11 +342,14 @@ class DevicePixels:
             layout = batch.items[rows[0]].layout
             assert layout is not None
             v = self._correct_bits(v, rows, layout, raw_high)
-        offset = torch.tensor([batch.base[i] - batch.first[i] for i in rows], dtype=torch.int32).to(
-            self.device, non_blocking=True
-        )
+        offset = self._small([batch.base[i] - batch.first[i] for i in rows], torch.int32)
         index = v + offset.view(-1, 1, 1)
-        histogram += torch.bincount(index.reshape(-1), minlength=histogram.numel())
+        flat = index.reshape(-1)
+        if self._streams.cuda:  # no host synchronisation (bincount sizes its output first)
+            ones = torch.ones(1, dtype=torch.int32, device=self.device).expand(flat.numel())
+            histogram.index_add_(0, flat, ones)
+        else:
+            histogram += torch.bincount(flat, minlength=histogram.numel()).to(torch.int32)
         group.index = index
         group.values = None
 
@@ -356,7 +360,7 @@ class DevicePixels:
         ``tasks.dicom.decoders.correct_stored_bits``; the raw maximum is kept (the
         ``high_bits_masked`` fact)."""
         bits = layout.bits_stored
-        where = torch.tensor(rows, device=self.device)
+        where = self._small(rows, torch.int64)
         if layout.signed:
             low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
             outside = ((v < low) | (v > high)).flatten(1).any(dim=1).to(torch.int64)
@@ -473,11 +477,9 @@ class DevicePixels:
         lines = [batch.lines.get(i, (0.0, 0.0, 0)) for i in rows]
         column = (len(rows), 1, 1)
         value, slope, low = (
-            torch.tensor([float(x[k]) for x in lines], dtype=torch.float64).view(column)
-            for k in range(3)
+            self._small([float(x[k]) for x in lines], torch.float64).view(column) for k in range(3)
         )
-        is_line = torch.tensor([i in batch.lines for i in rows]).view(column)
-        value, slope, low, is_line = (t.to(means.device) for t in (value, slope, low, is_line))
+        is_line = self._small([i in batch.lines for i in rows], torch.bool).view(column)
         straight = torch.clamp(value + slope * (means - low), 0.0, 1.0)
         return torch.where(is_line, straight, levels)
 
@@ -502,6 +504,14 @@ class DevicePixels:
             refused=[(batch.positions[i], why) for i, why in batch.refused.items()],
             _thumbs=[thumbs.get(i) for i in rows],
         )
+
+    def _small(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """A small tensor on the device without waiting for it: copied from pinned memory
+        (a copy from pageable memory would wait for the stream's earlier work)."""
+        host = torch.tensor(values, dtype=dtype)
+        if not self._streams.cuda:
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def _time(self, step: str, started: float, stream: Any = None) -> None:
         if self.profile and self._streams.cuda:

@@ -432,3 +432,22 @@ def test_the_path_is_chosen_from_the_device():
     assert type(shard_processor(checkpoint, device="cpu", workers=0)) is ShardProcessor
     forced = shard_processor(checkpoint, pixel_path="device", device="cpu", workers=0)
     assert isinstance(forced, DeviceShardProcessor)
+
+
+def test_no_room_for_an_arena_means_inline_buffers(synthetic, monkeypatch, tmp_path):
+    """A /dev/shm too small for the shard (a container's default 64 MB, say): the buffers
+    travel through the pool instead, with the same results."""
+    _, paths = synthetic
+
+    def no_room(size):
+        raise OSError("no room")
+
+    monkeypatch.setattr(arenas, "_check_room", no_room)
+    calls = [call(p, tmp_path / "dev") for p in paths[:3]]
+    pixels = DevicePixels(SPEC, torch.device("cpu"))
+    with DevicePool(0, pixels, Options(), handover="shm") as pool:
+        pool.headers = {it.uri: it.header for it in scan(paths[:3], b"k")}
+        got = pool.decode_all(calls)
+        assert pool.handover == "inline"
+    for c, d in zip([decode_item(*call(p, tmp_path / "cpu")) for p in paths[:3]], got, strict=True):
+        assert_same(c, d)
