@@ -186,6 +186,7 @@ class DevicePixels:
         self.profile = profile
         self.timings: Counter = Counter()
         self._streams = _Streams(device)
+        self._index_add = True  # histograms by index_add_ on CUDA (see _count)
         self._mean = [float(np.float32(m)) for m in spec.mean]
         self._std = [float(np.float32(s)) for s in spec.std]
 
@@ -345,11 +346,17 @@ class DevicePixels:
         offset = self._small([batch.base[i] - batch.first[i] for i in rows], torch.int32)
         index = v + offset.view(-1, 1, 1)
         flat = index.reshape(-1)
-        if self._streams.cuda:  # no host synchronisation (bincount sizes its output first)
-            ones = torch.ones(1, dtype=torch.int32, device=self.device).expand(flat.numel())
-            histogram.index_add_(0, flat, ones)
-        else:
-            histogram += torch.bincount(flat, minlength=histogram.numel()).to(torch.int32)
+        if self._streams.cuda and self._index_add:
+            # no host synchronisation: bincount would read the largest index to size its output
+            try:
+                ones = torch.ones(1, dtype=torch.int32, device=self.device).expand(flat.numel())
+                histogram.index_add_(0, flat, ones)
+                group.index = index
+                group.values = None
+                return
+            except (RuntimeError, NotImplementedError):  # an older build: bincount, waiting
+                self._index_add = False
+        histogram += torch.bincount(flat, minlength=histogram.numel()).to(torch.int32)
         group.index = index
         group.values = None
 
