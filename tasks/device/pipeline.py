@@ -238,8 +238,7 @@ class DevicePixels:
             for i, item in enumerate(batch.items):
                 if item.kind == PIXELS:
                     on_device[i] = self._to_device(buffer(item), batch)
-                    batch.first[i] = int(item.low)  # type: ignore[arg-type]
-                    batch.bins[i] = int(item.high) - int(item.low) + 1  # type: ignore[operator]
+                    batch.first[i], batch.bins[i] = _stored_range(item.layout)
                 elif item.kind == DONE:
                     batch.done_images[i] = self._to_device(item.image, batch)
         copied = s.event(s.copy)
@@ -321,9 +320,7 @@ class DevicePixels:
                 )
                 continue
             on_device[i] = result
-            bits = layout.bits_stored
-            batch.first[i] = -(1 << (bits - 1)) if layout.signed else 0
-            batch.bins[i] = 1 << bits
+            batch.first[i], batch.bins[i] = _stored_range(layout)
             batch.facts[i].update(
                 decoder=decoder.name,
                 reduce_level=0,
@@ -535,6 +532,15 @@ def _host_tensor(array: np.ndarray | None) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(array)
+
+
+def _stored_range(layout: PixelLayout | None) -> tuple[int, int]:
+    """(first stored value, number of values) that Bits Stored and Pixel Representation allow:
+    the bins of an image's histogram (at most 65536: the device path takes 8- and 16-bit
+    stored values). Counting the whole range needs no minimum or maximum beforehand."""
+    assert layout is not None
+    bits = layout.bits_stored
+    return (-(1 << (bits - 1)) if layout.signed else 0), 1 << bits
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -7,7 +7,7 @@ then hands over one of:
 * ``pixels``: the stored values at their native type (uncompressed data as read, RLE, JPEG-LS,
   lossless JPEG, and JPEG 2000 / JPEG when no device decoder takes them, decoded here by
   ``tasks.dicom.decoders`` with reduced resolution where the CPU path would use it), Bits Stored
-  corrected, with their minimum and maximum;
+  corrected (so within the range Bits Stored allows: the device counts that range);
 * ``frame``: the compressed frame (JPEG 2000, JPEG) untouched, for the device decoder of the
   process that owns the GPU (``device_syntaxes`` says which syntaxes it takes);
 * ``done``: the CPU path's finished result, for what the device path does not do (32-bit stored
@@ -91,8 +91,6 @@ class Prepared:
     # the buffer: stored values (PIXELS) or the frame's bytes (FRAME)
     shape: tuple[int, ...] = ()
     dtype: str = ""
-    low: int | None = None  # min / max of the stored values (PIXELS)
-    high: int | None = None
     slot: tuple[int, int] | None = None  # (offset, bytes) in the shard's arena
     data: np.ndarray | None = None  # inline buffer when there is no slot
     # DONE: the CPU path's outputs
@@ -230,7 +228,6 @@ def _prepare(data: bytes, args: dict[str, Any], options: Options, out: Prepared)
         known = fingerprint.of_codestream(ds, layout, photometric)
     stored = stored.astype(stored.dtype.newbyteorder("="), copy=False)
     out.kind, out.data, out.shape, out.dtype = PIXELS, stored, stored.shape, stored.dtype.str
-    out.low, out.high = int(stored.min()), int(stored.max())
     out.record.facts = facts
     return known
 
