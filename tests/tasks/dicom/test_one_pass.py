@@ -106,6 +106,16 @@ def test_sums_use_64_bits_when_32_could_overflow():
     np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 
+def test_plans_are_kept_per_size_and_read_only():
+    plan = px.box_plan(2000, 1840, ((150, 150), (256, 236)))
+    assert px.box_plan(2000, 1840, ((150, 150), (256, 236))) is plan
+    assert px.box_plan(2000, 1840, ((150, 150),)) is not plan
+    with pytest.raises(ValueError):
+        plan.cuts[0] = 1
+    with pytest.raises(ValueError):
+        plan.row_boxes[0][0][0] = 1
+
+
 def test_chunks_cover_every_segment_in_order():
     for rows, cols in [(2000, 1840), (5000, 40), (40, 5000), (1, 1), (70000, 3)]:
         plan = px.BoxPlan(rows, cols, [(150, 150), thumbnail_shape(rows, cols, 256)])
