@@ -73,6 +73,39 @@ def call(path: Path, thumbs: Path) -> tuple:
     return bound.args
 
 
+def hash_inputs(c: tuple) -> tuple:
+    """A file's bytes and, for native data, its stored values (read outside the timing)."""
+    import numpy as np
+
+    from tasks.dicom import pixels as px
+
+    data = c[0].read_bytes()
+    ds = px.read_dataset(data)
+    tsyntax = ds.file_meta.TransferSyntaxUID
+    layout, photometric = px.check_image(ds, tsyntax, px.DEFAULT_MAX_PIXELS)
+    stored = None
+    if not tsyntax.is_encapsulated:
+        stored = np.frombuffer(ds.PixelData, dtype=layout.stored_dtype())
+        stored = stored.reshape(layout.rows, layout.columns)
+    return data, ds, layout, photometric, stored
+
+
+def hash_only(inputs: tuple) -> None:
+    """What both paths spend on identity per file: the file's sha256 (tasks.ingest) and the
+    content fingerprint (tasks.dicom.fingerprint): px1 of the stored values for native data,
+    cs1 of the codestream for a frame decoded at reduced resolution or on the GPU."""
+    import hashlib
+
+    from tasks.dicom import fingerprint
+
+    data, ds, layout, photometric, stored = inputs
+    hashlib.sha256(data).hexdigest()
+    if stored is not None:
+        fingerprint.of_pixels(ds, layout, photometric, stored)
+    else:
+        fingerprint.of_codestream(ds, layout, photometric)
+
+
 def best_ms(fn, calls: list, rounds: int) -> tuple[float, float]:
     """(best, median) ms per call over ``rounds`` rounds of every call."""
     per = []
@@ -117,21 +150,46 @@ def main() -> None:
     for c in calls[:2]:  # warm up imports and caches
         decode_item(*c)
         prepare_item(c[0], c, Options())
-    cpu_best, cpu_median = best_ms(lambda c: decode_item(*c), calls, args.rounds)
     failed = [r.error for r in (decode_item(*c) for c in calls) if r.error]
     assert not failed, failed
+    # the two interleaved, round after round: the machine's load drifts
+    cpu_rounds, dev_rounds, hash_rounds = [], [], []
+    items: list = []
+    inputs = [hash_inputs(c) for c in calls]
+    for _ in range(args.rounds):
+        cpu_rounds.append(best_ms(lambda c: decode_item(*c), calls, 1)[0])
+        items.clear()
+        dev_rounds.append(
+            best_ms(lambda c: items.append(prepare_item(c[0], c, Options())), calls, 1)[0]
+        )
+        hash_rounds.append(best_ms(hash_only, inputs, 1)[0])
+    del inputs
+    cpu_best, cpu_median = min(cpu_rounds), statistics.median(cpu_rounds)
+    dev_best, dev_median = min(dev_rounds), statistics.median(dev_rounds)
+    hashing = min(hash_rounds)
     print(f"cpu path            {cpu_best:7.1f} ms/image  (median {cpu_median:.1f}; decode_item)")
-
-    items = []
-    dev_best, dev_median = best_ms(
-        lambda c: items.append(prepare_item(c[0], c, Options())), calls, args.rounds
-    )
     print(
         f"device path worker  {dev_best:7.1f} ms/image  (median {dev_median:.1f}; "
         "prepare_item: read, hash, parse, decode, fingerprint, hand over)"
     )
-    items = items[-len(calls) :]
+    print(
+        f"  of which hashing  {hashing:7.1f} ms/image  (in both paths: sha256 of the file "
+        "and the content fingerprint, tasks.ingest / tasks.dicom.fingerprint)"
+    )
     assert all(i.error is None for i in items), [i.error for i in items]
+    from tasks.dicom.decoders.nvimgcodec import SYNTAXES
+
+    syntax = items[0].facts.get("transfer_syntax")
+    if syntax in SYNTAXES:  # what a worker does when the GPU's owner decodes these frames
+        frame_options = Options(frozenset({syntax}))
+        handover = min(
+            best_ms(lambda c: prepare_item(c[0], c, frame_options), calls, 1)[0]
+            for _ in range(args.rounds)
+        )
+        print(
+            f"device path worker  {handover:7.1f} ms/image  with a GPU decoder (the frame "
+            "handed over undecoded; cs1 fingerprint of the codestream)"
+        )
 
     spec = PreprocessSpec()
     splits = []
@@ -151,8 +209,14 @@ def main() -> None:
         f"worker CPU per image: cpu path {cpu_best:.1f} ms, device path {dev_best:.1f} ms "
         f"({ratio:.2f}x less); owner host work {best['tables']:.2f} ms/image"
     )
+    rest_cpu, rest_dev = cpu_best - hashing, dev_best - hashing
+    print(
+        f"without the hashing: cpu path {rest_cpu:.1f} ms, device path worker {rest_dev:.1f} ms "
+        f"({rest_cpu / max(rest_dev, 1e-9):.2f}x less)"
+    )
     print(
         f"RESULT cpu_path_ms={cpu_best:.1f} device_worker_ms={dev_best:.1f} "
+        f"hashing_ms={hashing:.1f} "
         f"worker_ratio={ratio:.2f} owner_tables_ms={best['tables']:.2f} "
         f"torch_cpu_render_ms={best['render'] + best['count'] + best['stage']:.1f}"
     )
