@@ -27,10 +27,17 @@ WORKERS_HELP = (
 DB_HELP = "Database URL (default: settings)"
 JSON_HELP = "Print the run summary as one JSON object"
 WRITE_BACK_HELP = "Then send this model's unpublished results to this PACS as DICOM SRs"
+SOURCES_HELP = (
+    "Folders, DICOM files or archives, and PACS: pacs://NAME (configured), "
+    "dicomweb+https://HOST/dicom-web, dimse://AET@HOST:PORT"
+)
+STUDY_DATE_HELP = "PACS sources: study date or range (2026-11-28, 2026-11-01..2026-11-28)"
+SINCE_HELP = "PACS sources: study dates from this date (YYYY-MM-DD) to today"
+CONNECTIONS_HELP = "PACS sources: parallel HTTP connections / DIMSE associations"
 
 
 def screen_command(
-    sources: Annotated[list[Path], typer.Argument(help="Folders, DICOM files or archives")],
+    sources: Annotated[list[str], typer.Argument(help=SOURCES_HELP)],
     model: Annotated[
         Path | None, typer.Option(help="Checkpoint (default: $CXR_SCREEN_MODEL_PATH)")
     ] = None,
@@ -46,11 +53,15 @@ def screen_command(
     kind: Annotated[str, typer.Option(help="Run kind recorded with the run")] = "reprocess",
     as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     write_back: Annotated[str | None, typer.Option("--write-back", help=WRITE_BACK_HELP)] = None,
+    study_date: Annotated[str | None, typer.Option("--study-date", help=STUDY_DATE_HELP)] = None,
+    since: Annotated[str | None, typer.Option(help=SINCE_HELP)] = None,
+    connections: Annotated[int | None, typer.Option(min=1, max=64, help=CONNECTIONS_HELP)] = None,
 ) -> None:
     """Screen DICOM sources with a model version and write the results to the database."""
     with stop_on_signals():
         with exit_on_error():
             device, checkpoint = check_options(sources, model, device, kind)
+            check_pacs_options(sources, study_date, since, connections)
         check_write_back(write_back)
         database_via_settings(db)
         with exit_on_error(), prefect_ready():
@@ -60,7 +71,7 @@ def screen_command(
             check_before_the_run(device, checkpoint)  # while the server boots
         summary = run_with_progress(
             screen,
-            sources=[str(s) for s in sources],
+            sources=[s if is_pacs(s) else str(Path(s)) for s in sources],
             model=str(model) if model else None,
             params=ScreenParameters(
                 force=force,
@@ -70,9 +81,13 @@ def screen_command(
                 device=device,
                 reduced=not full_decode,
                 kind=kind,
+                study_date=study_date,
+                since=since,
+                connections=connections,
             ),
         )
         report_run(summary, write_back, db, as_json)
+        print_pacs_lines(summary, as_json)
 
 
 def nightly_command(
@@ -84,11 +99,25 @@ def nightly_command(
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
     as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     write_back: Annotated[str | None, typer.Option("--write-back", help=WRITE_BACK_HELP)] = None,
+    pacs: Annotated[
+        str | None,
+        typer.Option(
+            help="Screen this PACS's recent studies instead of the drop folder (pacs://NAME, "
+            "dicomweb+https://..., dimse://AET@HOST:PORT)"
+        ),
+    ] = None,
 ) -> None:
     """Run the nightly job once now: files that arrived since the last successful night."""
     with stop_on_signals():
         with exit_on_error():
-            device, checkpoint = check_options([drop_folder] if drop_folder else [], model, device)
+            if pacs is not None and drop_folder is not None:
+                from flows.errors import UserError
+
+                raise UserError("give either --drop-folder or --pacs, not both")
+            if pacs is not None and not is_pacs(pacs):
+                pacs = f"pacs://{pacs}"  # a configured name
+            folders = [str(drop_folder)] if drop_folder else []
+            device, checkpoint = check_options(folders + ([pacs] if pacs else []), model, device)
         check_write_back(write_back)
         database_via_settings(db)
         with exit_on_error(), prefect_ready():
@@ -100,15 +129,20 @@ def nightly_command(
             drop_folder=str(drop_folder) if drop_folder else None,
             model=str(model) if model else None,
             device=device,
+            pacs=pacs,
         )
         report_run(summary, write_back, db, as_json)
+        print_pacs_lines(summary, as_json)
 
 
 DEVICE_FORM = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def check_options(
-    sources: list[Path], model: Path | None, device: str | None, kind: str | None = None
+    sources: list[str] | list[Path],
+    model: Path | None,
+    device: str | None,
+    kind: str | None = None,
 ) -> tuple[str, Path | None]:
     """What can be refused before anything starts (no server, no torch yet): the run kind,
     the device's name, the sources and the model file. Returns the device and the checkpoint
@@ -125,13 +159,67 @@ def check_options(
     if not DEVICE_FORM.fullmatch(settings.device):
         where = "--device" if device else "CXR_SCREEN_DEVICE"
         raise UserError(f"{where} {settings.device!r} is not one of auto, cpu, cuda or cuda:N")
+    pacs = [str(s) for s in sources if is_pacs(str(s))]
     for source in sources:
-        if not source.exists():
+        if not is_pacs(str(source)) and not Path(source).exists():
             raise UserError(f"source does not exist: {source}")
+    if pacs:
+        from flows.settings import pacs_config
+
+        config = pacs_config()  # an unknown name or a bad URL: one line before anything starts
+        for spec in pacs:
+            config.resolve(spec)
     checkpoint = model or settings.model_path
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise UserError(f"checkpoint {str(checkpoint)!r} does not exist or is not a file")
     return settings.device, Path(checkpoint) if checkpoint is not None else None
+
+
+def is_pacs(source: str) -> bool:
+    from tasks.dicom.pacs.config import is_pacs_source
+
+    return is_pacs_source(source)
+
+
+def check_pacs_options(
+    sources: list[str], study_date: str | None, since: str | None, connections: int | None
+) -> None:
+    """The study-date options go with PACS sources, and a PACS source needs one of them."""
+    from flows.errors import UserError
+    from tasks.dicom.pacs.common import StudyWindow
+
+    has_pacs = any(is_pacs(s) for s in sources)
+    given = [n for n, v in (("--study-date", study_date), ("--since", since)) if v]
+    given += ["--connections"] if connections is not None else []
+    if given and not has_pacs:
+        raise UserError(f"{', '.join(given)}: only for PACS sources (pacs://NAME, ...)")
+    if has_pacs:
+        if not study_date and not since:
+            raise UserError("a PACS source needs --study-date DATE[..DATE] or --since DATE")
+        if study_date and since:
+            raise UserError("give either --study-date or --since, not both")
+        try:
+            window = StudyWindow.parse(study_date or since or "")
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        if since and window.days != 1:
+            raise UserError(f"--since {since!r} should be one date (YYYY-MM-DD)")
+
+
+def print_pacs_lines(summary: dict, as_json: bool) -> None:
+    """What each PACS source announced and delivered, under the run's summary."""
+    if as_json:
+        return
+    from cli.console import console
+
+    for line in summary.get("pacs", []):
+        console.print(line, highlight=False, soft_wrap=True)
+    if summary.get("partial_studies"):
+        console.print(
+            f"{summary['partial_studies']} partial stud(y/ies): screened, not aggregated, "
+            "pulled again on the next run",
+            highlight=False,
+        )
 
 
 def check_before_the_run(device: str, checkpoint: Path | None) -> None:

@@ -49,6 +49,24 @@ class ScreenParameters(_Parameters):
         description="Selection policy fields (tasks/dicom/selection.py); default: CR/DX "
         "chest PA/AP",
     )
+    # PACS sources (pacs://NAME, dicomweb+https://..., dimse://AET@host:port): which studies.
+    # A source names a PACS, never its credentials (tasks/dicom/pacs/config.py refuses them).
+    study_date: str | None = Field(
+        None,
+        description="PACS sources: studies of this date or range (2026-11-28, "
+        "2026-11-01..2026-11-28)",
+    )
+    since: str | None = Field(
+        None, description="PACS sources: studies from this date (YYYY-MM-DD) to today"
+    )
+    study_uids: list[str] = Field(
+        default_factory=list,
+        description="PACS sources: these Study Instance UIDs as well (the studies a run found "
+        "partial are added by the flow)",
+    )
+    connections: int | None = Field(
+        None, ge=1, le=64, description="PACS sources: parallel connections or associations"
+    )
 
 
 class TrainParameters(_Parameters):

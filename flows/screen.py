@@ -8,11 +8,14 @@ settings only, never from a flow parameter: Prefect stores parameters and shows 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -28,10 +31,13 @@ from sqlalchemy.engine import Engine
 from flows.errors import UserError
 from flows.parameters import ScreenParameters
 from flows.progress import report
-from flows.settings import Settings, get_settings
+from flows.settings import Settings, get_settings, pacs_config
 from model.predictor import resolve_device
+from tasks import pacs_run
 from tasks import prefect_tasks as t
 from tasks.device.processor import shard_processor
+from tasks.dicom.pacs.config import PacsConfig, PacsConfigError, is_pacs_source
+from tasks.dicom.pacs.source import PacsRetrieval
 from tasks.dicom.selection import SelectionPolicy
 from tasks.ingest import estimate_total, scan, shards
 from tasks.interrupts import held, in_charge, note, signal_of
@@ -48,7 +54,8 @@ class ScreenError(UserError):
 @flow(
     name="screen",
     task_runner=ThreadPoolTaskRunner(max_workers=2),
-    description="Screen DICOM sources (folders, files, .zip/.tar/.tar.gz) with a model version.",
+    description="Screen DICOM sources (folders, files, .zip/.tar/.tar.gz, PACS) with a model "
+    "version.",
 )
 def screen(
     sources: list[str], model: str | None = None, params: ScreenParameters = DEFAULT_SCREEN
@@ -56,20 +63,34 @@ def screen(
     """Discover → header scan + selection → plan → shards (decode, infer, persist) → summary.
 
     Args:
-        sources: Folders, DICOM files or archives on the machine that runs the flow.
+        sources: Folders, DICOM files or archives on the machine that runs the flow, and PACS
+            (``pacs://NAME``, ``dicomweb+https://...``, ``dimse://AET@host:port``; which
+            studies: ``params.study_date`` / ``since`` / ``study_uids``).
         model: The checkpoint to screen with (default: CXR_SCREEN_MODEL_PATH).
         params: How to screen.
     """
     with in_charge():
         settings = _settings(params)
         model_path, policy = _check(sources, model, params, settings)
-        with t.database(settings.database_url) as engine:
-            return screen_on(engine, sources, model_path, policy, params, settings)
+        with (
+            t.database(settings.database_url) as engine,
+            _pacs_sources(sources, params, settings, policy, engine) as retrievals,
+        ):
+            return screen_on(
+                engine, sources, model_path, policy, params, settings, retrievals=retrievals
+            )
 
 
-@flow(name="nightly", description="Screen what arrived in the drop folder since the last success.")
+@flow(
+    name="nightly",
+    description="Screen what arrived in the drop folder (or a PACS's recent studies) since the "
+    "last success.",
+)
 def nightly(
-    drop_folder: str | None = None, model: str | None = None, device: str | None = None
+    drop_folder: str | None = None,
+    model: str | None = None,
+    device: str | None = None,
+    pacs: str | None = None,
 ) -> dict[str, Any]:
     """Screen files that arrived since the last successful nightly run, then move the watermark.
 
@@ -77,14 +98,23 @@ def nightly(
     scan started; a failed run leaves it alone, so the next night picks the files up again.
     Re-running is safe: already-predicted instances are skipped by the planner.
 
+    From a PACS (``pacs``), the watermark is a study-date window instead: from the last
+    successful night's last study date minus ``CXR_SCREEN_PACS_OVERLAP_DAYS`` to today, plus
+    the studies found partial before (asked for by UID). It does not move when the retrieval
+    stopped part-way or a query was capped.
+
     Args:
         drop_folder: The folder to scan (default: CXR_SCREEN_DROP_FOLDER).
         model: The checkpoint to screen with (default: CXR_SCREEN_MODEL_PATH).
         device: auto, cpu or cuda (default: CXR_SCREEN_DEVICE).
+        pacs: A PACS to screen instead of the drop folder (``pacs://NAME``,
+            ``dicomweb+https://...``, ``dimse://AET@host:port``).
     """
     with in_charge():
         params = ScreenParameters(device=device, kind="nightly")
         settings = _settings(params)
+        if pacs:
+            return _nightly_pacs(pacs, model, params, settings)
         folder = drop_folder or (str(settings.drop_folder) if settings.drop_folder else None)
         if not folder:
             raise ScreenError("no drop folder: pass --drop-folder or set CXR_SCREEN_DROP_FOLDER")
@@ -105,6 +135,96 @@ def nightly(
     return summary
 
 
+def _nightly_pacs(
+    source: str, model: str | None, params: ScreenParameters, settings: Settings
+) -> dict[str, Any]:
+    """The nightly run from a PACS: a study-date window from the watermark (with an overlap),
+    and the studies partial before; the watermark moves only after a whole retrieval."""
+    if not is_pacs_source(source):
+        raise ScreenError(
+            f"--pacs {source!r} is not a PACS source (pacs://NAME, dicomweb+https://..., "
+            "dimse://AET@host:port)"
+        )
+    model_path, policy = _check([source], model, params, settings)
+    name = f"nightly:pacs:{_resolve(source, _config())}"
+    today = datetime.now(ZoneInfo(settings.timezone)).date()
+    with t.database(settings.database_url) as engine:
+        mark = t.read_watermark(engine, name)
+        window = pacs_run.nightly_window(
+            mark.date() if mark else None, settings.pacs_overlap_days, today
+        )
+        night = params.model_copy(update={"study_date": str(window)})
+        with _pacs_sources([source], night, settings, policy, engine) as retrievals:
+            summary = screen_on(
+                engine, [source], model_path, policy, night, settings, retrievals=retrievals
+            )
+            moved = pacs_run.retrieval_complete(retrievals)
+            if moved:
+                last = datetime(window.last.year, window.last.month, window.last.day, tzinfo=UTC)
+                t.write_watermark(engine, name, last, summary["run_id"])
+    create_markdown_artifact(
+        f"Nightly run {summary['run_id']} from {name[len('nightly:pacs:') :]}: study dates "
+        f"{window}, {summary['files_seen']} files; "
+        + ("watermark now " + str(window.last) if moved else "watermark NOT moved")
+        + " (the retrieval stopped part-way or a query was capped)" * (not moved),
+        key="nightly-watermark",
+    )
+    return summary
+
+
+def _config() -> PacsConfig:
+    try:
+        return pacs_config()
+    except PacsConfigError as exc:
+        raise ScreenError(str(exc)) from None
+
+
+def _resolve(spec: str, config: PacsConfig) -> str:
+    try:
+        return pacs_run.pacs_name(spec, config)
+    except PacsConfigError as exc:
+        raise ScreenError(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _pacs_sources(
+    sources: list[str],
+    params: ScreenParameters,
+    settings: Settings,
+    policy: SelectionPolicy,
+    engine: Engine,
+) -> Iterator[list[PacsRetrieval]]:
+    """The PACS sources' retrievals, their study queries run (before anything is recorded:
+    a PACS that cannot be used is one line, ``ScreenError``); closed (spool removed) after."""
+    specs = [s for s in sources if is_pacs_source(s)]
+    if not specs:
+        yield []
+        return
+    config = _config()
+    try:
+        window = pacs_run.study_window(params.study_date, params.since)
+        pending = {
+            n: pacs_run.pending_studies(engine, n) for n in {_resolve(s, config) for s in specs}
+        }
+        retrievals = pacs_run.open_retrievals(
+            specs,
+            config,
+            window=window,
+            study_uids=params.study_uids,
+            pending=pending,
+            policy=policy,
+            connections=params.connections,
+            spool_dir=settings.home / "spool",
+        )
+    except pacs_run.PacsRunError as exc:
+        raise ScreenError(str(exc)) from None
+    try:
+        yield retrievals
+    finally:
+        for retrieval in retrievals:
+            retrieval.close()
+
+
 def screen_on(
     engine: Engine,
     sources: list[str],
@@ -112,14 +232,18 @@ def screen_on(
     policy: SelectionPolicy,
     params: ScreenParameters,
     settings: Settings,
+    retrievals: Sequence[PacsRetrieval] = (),
 ) -> dict[str, Any]:
     """One screening run on the caller's engine: record it, run the shard loop, close it.
 
     Everything that can refuse the run (the model, the device) is checked before the run row
     is written. Whatever ends the run (its last shard, an error, SIGINT or SIGTERM), it is
     closed in one place (:func:`_close`), after its last shard committed or rolled back,
-    with the counts of the shards that committed.
+    with the counts of the shards that committed. ``retrievals``: the PACS sources of
+    ``sources``, prepared (``tasks.pacs_run``); their partial studies are recorded for the
+    next run.
     """
+    local = [s for s in sources if not is_pacs_source(s)]
     checkpoint = t.load_model(model_path)
     processor = shard_processor(
         checkpoint,
@@ -145,13 +269,30 @@ def screen_on(
                 prefect_flow_run_id=str(flow_run.id) if flow_run.id else None,
                 stale_after=settings.stale_run_after,
             )
-        progress = _Progress(run.run_id, estimate_total(sources))
+        progress = _Progress(run.run_id, None if retrievals else estimate_total(local))
         report("start", run_id=run.run_id, total=progress.total, model=checkpoint.version)
         with processor:
-            steps = ShardSteps(run, processor, force=params.force, aggregation=params.aggregation)
+            if retrievals:
+                steps: ShardSteps = pacs_run.PacsShardSteps(
+                    run,
+                    processor,
+                    force=params.force,
+                    aggregation=params.aggregation,
+                    retrievals=retrievals,
+                )
+            else:
+                steps = ShardSteps(
+                    run, processor, force=params.force, aggregation=params.aggregation
+                )
             loop = ShardLoop(t.TaskSteps(steps), on_stored=progress.stored)
-            items = scan(sources, settings.hmac_secret(), policy, newer_than=params.newer_than)
+            items = scan(
+                [*local, *retrievals],
+                settings.hmac_secret(),
+                policy,
+                newer_than=params.newer_than,
+            )
             loop.run(shards(items, settings.shard_size))
+            partial = pacs_run.record_partials(engine, retrievals, run.run_id) if retrievals else {}
     except BaseException as exc:
         ending = exc
         raise
@@ -159,7 +300,7 @@ def screen_on(
         if run is not None:
             _close(run, loop, ending)
     progress.done()
-    return _summary(run, loop.tally)
+    return _summary(run, loop.tally, retrievals, partial)
 
 
 def _close(run: RunContext, loop: ShardLoop | None, ending: BaseException | None) -> None:
@@ -211,7 +352,7 @@ def _check(
     model_path = model or (str(settings.model_path) if settings.model_path else None)
     if not model_path:
         raise ScreenError("no model given: pass --model PATH or set CXR_SCREEN_MODEL_PATH")
-    missing = [s for s in sources if not Path(s).exists()]
+    missing = [s for s in sources if not is_pacs_source(s) and not Path(s).exists()]
     if missing:
         raise ScreenError(f"source does not exist: {missing[0]}")
     if not Path(model_path).is_file():
@@ -253,6 +394,10 @@ def _recorded(params: ScreenParameters, settings: Settings, n_sources: int) -> d
         "aggregation": params.aggregation,
         "newer_than": params.newer_than,
         "sources": n_sources,
+        "study_date": params.study_date,
+        "since": params.since,
+        "study_uids": len(params.study_uids),
+        "connections": params.connections,
     }
 
 
@@ -277,7 +422,12 @@ class _Progress:
         update_progress_artifact(self.artifact, 100.0)
 
 
-def _summary(run: RunContext, tally: Tally) -> dict[str, Any]:
+def _summary(
+    run: RunContext,
+    tally: Tally,
+    retrievals: Sequence[PacsRetrieval] = (),
+    partial: dict[str, list[str]] | None = None,
+) -> dict[str, Any]:
     """The run's summary (returned, reported to listeners, and shown as artifacts)."""
     seconds = time.perf_counter() - run.started
     predicted = tally.counts["predicted"]
@@ -297,6 +447,14 @@ def _summary(run: RunContext, tally: Tally) -> dict[str, Any]:
         key="screen-summary",
         description=f"Run {run.run_id}: every file seen ends as predicted, skipped or failed.",
     )
+    if retrievals:
+        summary["pacs"] = [r.report.summary() for r in retrievals]
+        summary["partial_studies"] = sum(len(v) for v in (partial or {}).values())
+        create_markdown_artifact(
+            "\n".join(f"- {line}" for line in summary["pacs"]),
+            key="screen-pacs",
+            description=f"Run {run.run_id}: what the PACS sources announced and delivered",
+        )
     if summary["top_reasons"]:
         create_table_artifact(
             summary["top_reasons"],

@@ -71,6 +71,13 @@ class Settings(BaseSettings):
     manifest_size: int = Field(
         default=4096, description="Files per fan-out shard manifest (one sub-flow run each)"
     )
+    pacs_overlap_days: int = Field(
+        default=3,
+        ge=0,
+        description="The nightly run from a PACS queries study dates from its last successful "
+        "night's last date minus this many days (studies arrive late; instances already "
+        "predicted are skipped, so the overlap costs queries only)",
+    )
 
     @property
     def stale_run_after(self):
@@ -99,6 +106,18 @@ class Settings(BaseSettings):
 def get_settings(**overrides) -> Settings:
     """Settings from the environment now (not at import), with explicit overrides on top."""
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def pacs_config():
+    """The named PACS entries (``tasks.dicom.pacs.config``): ``CXR_SCREEN_PACS_CONFIG`` and the
+    ``CXR_SCREEN_PACS__<NAME>__<FIELD>`` variables, from the environment over ``./.env``."""
+    from dotenv import dotenv_values
+
+    from tasks.dicom.pacs.config import load_pacs_config
+
+    environ = {k: v for k, v in dotenv_values(".env").items() if v is not None}
+    environ.update(os.environ)
+    return load_pacs_config(environ)
 
 
 @contextlib.contextmanager

@@ -433,4 +433,24 @@ class Publication(Base):
     sent_at: Mapped[dt.datetime]
 
 
+class PacsPendingStudy(Base):
+    """A study a PACS source found *partial* (fewer instances arrived than the PACS announced):
+    its files were screened but the study was not aggregated, and the next run from that PACS
+    asks for it again by UID (the row is deleted once a run finds it complete, or the PACS no
+    longer has it). ``pacs`` is the configured PACS's name (never credentials); ``reason``
+    says what was short, with counts (no patient data). Written by ``sql.pacs_studies``
+    (revision 0007).
+    """
+
+    __tablename__ = "pacs_pending_studies"
+
+    pacs: Mapped[str] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(primary_key=True)
+    reason: Mapped[str]
+    first_run_id: Mapped[int | None] = mapped_column(sa.ForeignKey("runs.run_id"))
+    last_run_id: Mapped[int | None] = mapped_column(sa.ForeignKey("runs.run_id"))
+    attempts: Mapped[int]
+    updated_at: Mapped[dt.datetime]
+
+
 metadata = Base.metadata

@@ -26,6 +26,7 @@ from tasks.dicom.headers import InstanceHeader, read_header
 from tasks.dicom.outcomes import InputError, Outcome, SkipReason
 from tasks.dicom.pixels import preprocess
 from tasks.dicom.selection import DEFAULT_POLICY, SelectionPolicy, select
+from tasks.dicom.sources import Source, guarded
 from tasks.dicom.thumbnails import write_thumbnail
 
 NO_HEADER_REASON = "no header was read from the file, so it cannot be decoded or stored"
@@ -79,7 +80,7 @@ def scan_file(src: SourceFile, policy: SelectionPolicy, hmac_key: bytes) -> Scan
 
 
 def scan(
-    sources: Iterable[str | Path],
+    sources: Iterable[str | Path | Source],
     hmac_key: bytes,
     policy: SelectionPolicy = DEFAULT_POLICY,
     limits: ArchiveLimits = DEFAULT_LIMITS,
@@ -87,13 +88,22 @@ def scan(
 ) -> Iterator[ScanItem]:
     """Stream every discovered file through the header scan and selection.
 
-    ``newer_than`` (a POSIX time) keeps only files that arrived later: their change or
-    modification time on disk (an archive's members share the archive's times).
+    ``sources``: paths (folders, files, archives: ``discover``) and :class:`Source` objects
+    (a PACS retrieval, ``tasks.dicom.pacs``), listed in that order: the paths first.
+    ``newer_than`` (a POSIX time) keeps only local files that arrived later: their change or
+    modification time on disk (an archive's members share the archive's times); it does not
+    apply to a ``Source``'s entries (a PACS source chooses its studies by date itself).
     """
-    for src in discover(sources, limits):
+    listed = list(sources)
+    paths = [s for s in listed if isinstance(s, str | os.PathLike)]
+    others = [s for s in listed if not isinstance(s, str | os.PathLike)]
+    for src in discover(paths, limits) if paths else ():
         if newer_than is not None and src.error is None and _arrived(src) <= newer_than:
             continue
         yield scan_file(src, policy, hmac_key)
+    for source in others:
+        for entry in guarded(source):
+            yield scan_file(entry, policy, hmac_key)  # type: ignore[arg-type]
 
 
 def _arrived(src: SourceFile) -> float:

@@ -49,6 +49,9 @@ class ShardRows:
     reasons: Counter = field(default_factory=Counter)  # skip and failure reasons
     decode_seconds: float = 0.0
     infer_seconds: float = 0.0
+    # Studies this shard must not aggregate (a PACS study found partial: aggregated by the run
+    # that completes it)
+    held_studies: set[str] = field(default_factory=set)
 
     @property
     def files(self) -> int:
@@ -416,9 +419,10 @@ def persist_shard(
             predictions=rows.predictions,
             force=force,
         )
-        if result.study_uids:
+        studies = sorted(set(result.study_uids) - rows.held_studies)
+        if studies:
             predictions.upsert_study_predictions(
-                session, model_id, run_id, aggregation, sorted(result.study_uids), force=force
+                session, model_id, run_id, aggregation, studies, force=force
             )
         if then is not None:
             then(session, rows, result)
