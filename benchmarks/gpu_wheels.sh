@@ -3,11 +3,13 @@
 # image lacks (it has Python 3.12, torch, numpy, Pillow, typer, rich, httpx, jinja2, ...; not
 # pydicom, Prefect, SQLAlchemy, pydantic, nvImageCodec), as cp312 manylinux wheels (without
 # their dependencies: the list is what a screening run imports, measured, plus the small
-# packages Prefect declares; apprise, Prefect's notifications, is left out), in two
+# packages Prefect declares; apprise, Prefect's notifications, is left out; the pure-Python
+# packages the image has too (anyio, httpx, click, typer, rich, ...) are carried at the versions
+# tested here, so that only torch, numpy and Pillow come from the image), in two
 # folders that each travel in one call (64 MiB per call with the working tree):
 #
 #   .whl-gpu  nvImageCodec, nvJPEG2000, nvJPEG                       (~31 MiB)
-#   .whl-py   pydicom + codecs, Prefect (client and server), SQLAlchemy, pydantic, ...  (~39 MiB)
+#   .whl-py   pydicom + codecs, Prefect (client and server), SQLAlchemy, pydantic, ...  (~45 MiB)
 #
 # Run here, from the repository root (it asks the package index for these exact files only):
 #
@@ -43,7 +45,10 @@ pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle python-dotenv python-multipar
 python-slugify pytz redis referencing rfc3339-validator rpds-py sniffio sqlalchemy starlette
 text-unidecode toml typing-inspection tzdata uncalled-for uvicorn websockets whenever pycparser
 python-json-logger griffe jsonpatch semver readchar docker dateparser cyclopts ruamel-yaml
-docstring-parser rich-rst tzlocal"
+docstring-parser rich-rst tzlocal
+anyio httpx httpcore h11 idna certifi click typer rich shellingham annotated-doc markdown-it-py
+mdurl pygments pyyaml jinja2 markupsafe typing-extensions cloudpickle fsspec humanize packaging
+pathspec prometheus-client python-dateutil six urllib3 charset-normalizer requests attrs colorama"
 
 pinned() {  # name==version as installed here, else the name alone (pip picks the newest)
     "$PY" - "$@" <<'EOF'
