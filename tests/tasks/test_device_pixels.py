@@ -326,10 +326,13 @@ def test_a_refused_frame_is_decoded_by_the_workers_and_says_so(tmp_path):
 
 
 def test_without_nvimgcodec_frames_go_to_the_cpu_decoders(monkeypatch, tmp_path):
+    backend = nvimgcodec.NvImageCodec()
+    assert "process that owns the GPU" in backend.unavailable(JPEG2000Lossless)  # a worker
+    monkeypatch.setattr(nvimgcodec, "_ENABLED", True)  # the GPU's process
     monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", None)  # import fails
     nvimgcodec._library.cache_clear()
     try:
-        why = nvimgcodec.NvImageCodec().unavailable(JPEG2000Lossless)
+        why = backend.unavailable(JPEG2000Lossless)
         assert why is not None and nvimgcodec.PACKAGE in why
         decoder, reason = nvimgcodec.device_frame_decoder(torch.device("cuda", 0))
         assert decoder is None and nvimgcodec.PACKAGE in reason

@@ -9,12 +9,16 @@ Two ways in, one library:
   device as torch tensors. A frame it cannot decode comes back as the reason, and the caller
   decodes that file on the CPU instead (its facts say so).
 * :class:`NvImageCodec`, a ``Backend`` of the decoder registry (``decode`` of one frame, copied
-  back to the host), so that the library is also tried by the CPU path: last, after the CPU
-  decoders the registry prefers (it is in no ``PREFERENCE`` list), i.e. only when they all
-  fail. Per-frame decoding with a copy back is what the device path exists to avoid.
+  back to the host): last, after the CPU decoders the registry prefers (it is in no
+  ``PREFERENCE`` list), i.e. only when they all fail, and only in a process that owns the GPU
+  (:func:`enable_in_this_process`; the device path calls it). Decode workers never touch the
+  GPU: sixteen processes each with a CUDA context (and torch imported to find the device) would
+  cost seconds and gigabytes for a last resort. Per-frame decoding with a copy back is what the
+  device path exists to avoid.
 
-``unavailable`` says why it cannot run here: the package is not installed, it does not import,
-or there is no CUDA device. The probes are made once per process.
+``unavailable`` says why it cannot run here: not the GPU's process, the package is not
+installed or does not import, or there is no CUDA device. The probes are made once per
+process.
 
 Reduced resolution: nvImageCodec's Python API (0.8) has no resolution-level (``reduce``)
 option for JPEG 2000: ``DecodeParams`` holds only ``apply_exif_orientation``, ``color_spec``
@@ -62,6 +66,15 @@ SYNTAXES = frozenset(
     }
 )
 """JPEG 2000 (and HTJ2K) through nvJPEG2000, baseline and extended JPEG through nvJPEG."""
+
+
+_ENABLED = False
+
+
+def enable_in_this_process() -> None:
+    """Let the registry backend decode here (the process that owns the GPU)."""
+    global _ENABLED
+    _ENABLED = True
 
 
 @functools.cache
@@ -199,7 +212,9 @@ def device_frame_decoder(device: Any) -> tuple[NvImageCodecFrames | None, str | 
     if (why := unavailable_reason()) is not None:
         return None, why
     try:
-        return NvImageCodecFrames(device.index or 0), None
+        decoder = NvImageCodecFrames(device.index or 0)
+        enable_in_this_process()
+        return decoder, None
     except Exception as exc:  # the library is there but its decoder does not start
         return None, f"{NAME} decoder could not be created: {type(exc).__name__}: {exc}"
 
@@ -211,6 +226,8 @@ class NvImageCodec(Backend):
     syntaxes = SYNTAXES
 
     def unavailable(self, tsyntax: UID) -> str | None:
+        if not _ENABLED:  # cheap: decode workers get here for every JPEG 2000 / JPEG file
+            return f"{NAME}: GPU decoding runs only in the process that owns the GPU"
         why = unavailable_reason()
         return f"{NAME}: {why}" if why else None
 
