@@ -50,6 +50,10 @@ attribute that is not a number is hashed as its text.
 Cost: sha256 is used because here (a CPU with SHA extensions, OpenSSL's implementation) it is
 twice as fast as hashlib's BLAKE2b: 4.4 ms vs 9.0 ms for the 8 MB of a 2000 x 2000 16-bit image
 (BLAKE2s 15.8 ms, MD5 10.5 ms); on a CPU without SHA extensions BLAKE2b would be ~1.5x faster.
+Native little-endian pixel data is hashed in place (the decoder's array is a view of the
+file's bytes; no copy). Hashing each chunk of rows inside the pixel path's one reduction pass,
+while it is in cache, measured no faster (4.1 ms either way): the hash's arithmetic is the cost,
+not reading the pixels.
 """
 
 from __future__ import annotations
