@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from model.spec import PreprocessSpec
-from tasks.dicom import fingerprint
+from tasks.dicom import identity
 from tasks.dicom.discovery import DEFAULT_LIMITS, ArchiveLimits, SourceFile, discover
 from tasks.dicom.headers import InstanceHeader, read_header
 from tasks.dicom.outcomes import InputError, Outcome, SkipReason
@@ -224,9 +224,9 @@ def _set_fingerprints(decoded: Decoded, known: str, data: bytes | None) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if decoded.pixel_fingerprint is None:
-                decoded.pixel_fingerprint = fingerprint.pixel_fingerprint(data)
+                decoded.pixel_fingerprint = identity.pixel_fingerprint(data)
             elif decoded.codestream_fingerprint is None:
-                decoded.codestream_fingerprint = fingerprint.codestream_fingerprint(data)
+                decoded.codestream_fingerprint = identity.codestream_fingerprint(data)
     except InputError as exc:
         decoded.facts["fingerprint_error"] = f"the other content fingerprint failed: {exc}"
     except MemoryError:

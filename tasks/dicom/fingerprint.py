@@ -13,7 +13,7 @@ definition gets a new kind rather than silently new values):
     The full-resolution stored values (after Bits Stored / Pixel Representation correction, as
     little-endian integers of the type Bits Allocated and Pixel Representation give) and the
     :func:`meaning` attributes. Computed by the pixel path whenever it decoded the full image,
-    and on demand by :func:`pixel_fingerprint` (a full decode, no windowing or resizing).
+    and on demand by :func:`tasks.dicom.identity.pixel_fingerprint` (a full decode, no windowing or resizing).
     Same value for every lossless encoding of the same values. For a lossy syntax (baseline or
     extended JPEG, JPEG 2000 with the irreversible wavelet) it is a hash of what *this* decoder
     produced: another decoder (or version) may differ by a unit here and there, so a lossy file
@@ -26,14 +26,14 @@ definition gets a new kind rather than silently new values):
     It matches the same codestream in any wrapper (another transfer syntax encoding of the data
     set, re-fragmented, implicit VR meta), but not the same pixels encoded differently: a
     native copy of a JPEG 2000 lossless file has another kind (``px1``), and a re-encoding by
-    another JPEG 2000 encoder has another ``cs1``. :func:`codestream_fingerprint` computes it
+    another JPEG 2000 encoder has another ``cs1``. :func:`tasks.dicom.identity.codestream_fingerprint` computes it
     on demand without decoding.
 
 How to decide whether a stored instance and a new file with the same UID are the same image
-(:func:`compare` does this): equal strings are the same image. Different strings of the same kind
+(:func:`tasks.dicom.identity.compare` does this): equal strings are the same image. Different strings of the same kind
 ``px1`` are different images. Otherwise convert to a common kind: a stored ``px1`` against a new
-``cs1`` -> :func:`pixel_fingerprint` of the new file (one full decode, rare: only when a UID is
-seen again). A stored ``cs1`` against a new file -> the new file's :func:`codestream_fingerprint`
+``cs1`` -> :func:`tasks.dicom.identity.pixel_fingerprint` of the new file (one full decode, rare: only when a UID is
+seen again). A stored ``cs1`` against a new file -> the new file's :func:`tasks.dicom.identity.codestream_fingerprint`
 when it is encapsulated; when that differs (or it is not encapsulated), only a full decode of
 *both* can tell, which needs the stored file: :func:`compare` does it when given the stored
 file, and otherwise answers "unknown" (the caller should treat that as a conflict, which errs
@@ -61,7 +61,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -76,7 +75,7 @@ from tasks.dicom.tags import label
 from tasks.dicom.values import code
 
 if TYPE_CHECKING:
-    from tasks.dicom.pixels import Source
+    pass
 
 PIXELS = "px1"
 CODESTREAM = "cs1"
@@ -182,96 +181,3 @@ def of_codestream(ds: Dataset, layout: PixelLayout, photometric: str) -> str:
     h = _start(CODESTREAM, ds, layout, photometric)
     h.update(frame_bytes(ds))
     return f"{CODESTREAM}:{h.hexdigest()}"
-
-
-# -- on demand (a UID seen again) ---------------------------------------------------------------
-
-
-def _prepared(src: Source) -> tuple[Dataset, Any, PixelLayout, str]:
-    import warnings
-
-    from tasks.dicom import pixels
-    from tasks.dicom.decoders import check_decodable
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds = pixels.read_dataset(src)
-    ds, tsyntax = pixels.transfer_syntax(ds, {})
-    check_decodable(tsyntax)
-    layout, photometric = pixels.check_image(ds, tsyntax, pixels.DEFAULT_MAX_PIXELS)
-    return pixels.with_photometric(ds, photometric), tsyntax, layout, photometric
-
-
-def pixel_fingerprint(src: Source) -> str:
-    """The ``px1`` fingerprint of ``src`` (path, bytes, binary file or Dataset): one full-
-    resolution decode, no windowing. ``InputError`` as :func:`tasks.dicom.pixels.preprocess`.
-
-    Costs a full decode (for a 2000 px JPEG 2000 file about 10x the reduced decode the pixel
-    path does); meant for the rare file whose UID was stored before with a ``px1`` fingerprint.
-    """
-    import warnings
-
-    from tasks.dicom.decoders import decode
-
-    ds, tsyntax, layout, photometric = _prepared(src)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        decoded = decode(ds, tsyntax, layout)
-    return of_pixels(ds, layout, photometric, decoded.array)
-
-
-def codestream_fingerprint(src: Source) -> str | None:
-    """The ``cs1`` fingerprint of ``src`` without decoding; None when its pixel data is not
-    encapsulated (a native file has no codestream to compare)."""
-    ds, tsyntax, layout, photometric = _prepared(src)
-    if not tsyntax.is_encapsulated:
-        return None
-    return of_codestream(ds, layout, photometric)
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """Whether two fingerprints are the same image: ``same`` True, False or None (unknown),
-    and ``how`` it was decided (for a reason or a log; holds no values from the files)."""
-
-    same: bool | None
-    how: str
-
-
-def compare(
-    stored: str, new: str, *, new_source: Source | None = None, stored_source: Source | None = None
-) -> Comparison:
-    """Compare a stored fingerprint with a new file's, decoding only when the kinds differ.
-
-    ``new_source`` / ``stored_source``: the files (path, bytes...), needed only to convert a
-    fingerprint to the other kind (see the module text). ``InputError`` from reading a source
-    propagates (the caller decides what a file that no longer reads means). A stored value
-    that is not a fingerprint (the file hash earlier versions stored) gives "unknown";
-    ``new`` must be a fingerprint (``ValueError`` otherwise).
-    """
-    if stored == new:
-        return Comparison(True, "same fingerprint")
-    kn = kind(new)
-    try:
-        ks = kind(stored)
-    except ValueError:  # e.g. the sha256 of the file's bytes that earlier versions stored
-        return Comparison(None, "the stored value is not a content fingerprint")
-    if ks == kn == PIXELS:
-        return Comparison(False, "different pixel values")
-    if ks == PIXELS:  # the new file was decoded at reduced resolution
-        if new_source is None:
-            return Comparison(None, "the new file was decoded at reduced resolution")
-        same = pixel_fingerprint(new_source) == stored
-        return Comparison(same, "full-resolution decode of the new file")
-    # stored is a codestream fingerprint
-    if new_source is not None and kn == PIXELS and codestream_fingerprint(new_source) == stored:
-        return Comparison(True, "same codestream")
-    if stored_source is None:
-        return Comparison(None, "the stored file (decoded at reduced resolution) is not at hand")
-    stored_px = pixel_fingerprint(stored_source)
-    if kn == PIXELS:
-        return Comparison(stored_px == new, "full-resolution decode of the stored file")
-    if new_source is None:
-        return Comparison(None, "the new file was decoded at reduced resolution")
-    same = stored_px == pixel_fingerprint(new_source)
-    return Comparison(same, "full-resolution decode of both files")

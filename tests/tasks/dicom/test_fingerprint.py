@@ -20,7 +20,7 @@ from pydicom.uid import JPEG2000Lossless
 import tasks.dicom.pixels as px
 from model.spec import PreprocessSpec
 from tasks.dicom import fingerprint as fp
-from tasks.dicom import synth
+from tasks.dicom import identity, synth
 
 SPEC = PreprocessSpec()
 
@@ -76,7 +76,7 @@ def test_lossless_copies_share_the_pixel_fingerprint(copies):
     for name in LOSSLESS:
         res = px.preprocess(copies[name], SPEC)
         assert res.fingerprint == original.fingerprint, (name, res.facts["decoder"])
-        assert fp.pixel_fingerprint(copies[name]) == original.fingerprint
+        assert identity.pixel_fingerprint(copies[name]) == original.fingerprint
 
 
 def test_lossy_copies_do_not(copies):
@@ -85,7 +85,7 @@ def test_lossy_copies_do_not(copies):
         res = px.preprocess(copies[name], SPEC)
         assert fp.kind(res.fingerprint) == "px1"  # decoded at full resolution
         assert res.fingerprint != original, name
-        assert fp.compare(original, res.fingerprint) == fp.Comparison(
+        assert identity.compare(original, res.fingerprint) == identity.Comparison(
             False, "different pixel values"
         )
 
@@ -96,20 +96,20 @@ def test_reduced_decode_gives_a_codestream_fingerprint_and_a_full_one_on_demand(
     reduced = px.preprocess(j2k, SPEC)
     assert reduced.facts["reduce_level"] >= 1
     assert fp.kind(reduced.fingerprint) == "cs1"
-    assert fp.codestream_fingerprint(j2k) == reduced.fingerprint
-    assert fp.codestream_fingerprint(copies["original"]) is None  # native: no codestream
+    assert identity.codestream_fingerprint(j2k) == reduced.fingerprint
+    assert identity.codestream_fingerprint(copies["original"]) is None  # native: no codestream
     full = px.preprocess(j2k, SPEC, reduced=False)
-    assert full.fingerprint == original == fp.pixel_fingerprint(j2k)
+    assert full.fingerprint == original == identity.pixel_fingerprint(j2k)
     # the writer's comparison, both ways round
-    assert fp.compare(original, reduced.fingerprint, new_source=j2k) == fp.Comparison(
+    assert identity.compare(original, reduced.fingerprint, new_source=j2k) == identity.Comparison(
         True, "full-resolution decode of the new file"
     )
-    unknown = fp.compare(reduced.fingerprint, original)
+    unknown = identity.compare(reduced.fingerprint, original)
     assert unknown.same is None and "not at hand" in unknown.how
-    assert fp.compare(reduced.fingerprint, original, stored_source=j2k).same is True
+    assert identity.compare(reduced.fingerprint, original, stored_source=j2k).same is True
     lossy = px.preprocess(copies["jpeg_ls_near_lossless"], SPEC).fingerprint
-    assert fp.compare(reduced.fingerprint, lossy, stored_source=j2k).same is False
-    assert fp.compare(original, reduced.fingerprint).same is None  # no source: cannot tell
+    assert identity.compare(reduced.fingerprint, lossy, stored_source=j2k).same is False
+    assert identity.compare(original, reduced.fingerprint).same is None  # no source: cannot tell
 
 
 def test_the_codestream_fingerprint_ignores_the_wrapper(copies, tmp_path):
@@ -117,16 +117,16 @@ def test_the_codestream_fingerprint_ignores_the_wrapper(copies, tmp_path):
     ds.PatientName = "OTHER^NAME"
     ds.InstitutionName = "another export"
     ds.save_as(tmp_path / "rewrapped.dcm", enforce_file_format=True)
-    assert fp.codestream_fingerprint(tmp_path / "rewrapped.dcm") == fp.codestream_fingerprint(
-        copies["j2k_lossless"]
-    )
+    assert identity.codestream_fingerprint(
+        tmp_path / "rewrapped.dcm"
+    ) == identity.codestream_fingerprint(copies["j2k_lossless"])
     stored = px.preprocess(copies["j2k_lossless"], SPEC).fingerprint
     new = px.preprocess(tmp_path / "rewrapped.dcm", SPEC).fingerprint
-    assert fp.compare(stored, new) == fp.Comparison(True, "same fingerprint")
+    assert identity.compare(stored, new) == identity.Comparison(True, "same fingerprint")
     # a native copy is matched through its codestream when it is encapsulated the same way,
     # and through a full decode of the stored file otherwise
     native = px.preprocess(copies["original"], SPEC).fingerprint
-    assert fp.compare(stored, native, new_source=copies["original"]).same is None
+    assert identity.compare(stored, native, new_source=copies["original"]).same is None
 
 
 def test_two_codestreams_of_the_same_pixels_are_told_apart_only_by_decoding(copies, tmp_path):
@@ -145,11 +145,15 @@ def test_two_codestreams_of_the_same_pixels_are_told_apart_only_by_decoding(copi
     new = px.preprocess(tmp_path / "other.dcm", SPEC)
     assert new.facts["reduce_level"] >= 1 and fp.kind(new.fingerprint) == "cs1"
     assert new.fingerprint != stored
-    assert fp.compare(stored, new.fingerprint, new_source=tmp_path / "other.dcm").same is None
-    both = fp.compare(stored, new.fingerprint, new_source=tmp_path / "other.dcm", stored_source=j2k)
-    assert both == fp.Comparison(True, "full-resolution decode of both files")
+    assert identity.compare(stored, new.fingerprint, new_source=tmp_path / "other.dcm").same is None
+    both = identity.compare(
+        stored, new.fingerprint, new_source=tmp_path / "other.dcm", stored_source=j2k
+    )
+    assert both == identity.Comparison(True, "full-resolution decode of both files")
     lossy = copies["jpeg_ls_near_lossless"]
-    assert fp.compare(stored, new.fingerprint, new_source=lossy, stored_source=j2k).same is False
+    assert (
+        identity.compare(stored, new.fingerprint, new_source=lossy, stored_source=j2k).same is False
+    )
 
 
 @pytest.mark.parametrize(
@@ -203,7 +207,7 @@ def test_lut_data_is_hashed_whatever_its_vr(copies):
 )
 def test_real_lossless_pairs(a, b):
     pa, pb = get_testdata_file(a), get_testdata_file(b)
-    assert fp.pixel_fingerprint(pa) == fp.pixel_fingerprint(pb)
+    assert identity.pixel_fingerprint(pa) == identity.pixel_fingerprint(pb)
 
 
 def test_kind_refuses_anything_else():
@@ -212,8 +216,8 @@ def test_kind_refuses_anything_else():
         with pytest.raises(ValueError, match="not a content fingerprint"):
             fp.kind(bad)
     legacy = hashlib.sha256(b"the file's bytes").hexdigest()  # what earlier versions stored
-    assert fp.compare(legacy, "px1:" + "0" * 64) == fp.Comparison(
+    assert identity.compare(legacy, "px1:" + "0" * 64) == identity.Comparison(
         None, "the stored value is not a content fingerprint"
     )
     with pytest.raises(ValueError):
-        fp.compare("px1:" + "0" * 64, legacy)
+        identity.compare("px1:" + "0" * 64, legacy)
