@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from model.spec import PreprocessSpec
-from tasks.dicom import identity
+from tasks.dicom import fingerprint, identity
 from tasks.dicom.discovery import DEFAULT_LIMITS, ArchiveLimits, SourceFile, discover
 from tasks.dicom.headers import InstanceHeader, read_header
 from tasks.dicom.outcomes import InputError, Outcome, SkipReason

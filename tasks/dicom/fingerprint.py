@@ -13,7 +13,8 @@ definition gets a new kind rather than silently new values):
     The full-resolution stored values (after Bits Stored / Pixel Representation correction, as
     little-endian integers of the type Bits Allocated and Pixel Representation give) and the
     :func:`meaning` attributes. Computed by the pixel path whenever it decoded the full image,
-    and on demand by :func:`tasks.dicom.identity.pixel_fingerprint` (a full decode, no windowing or resizing).
+    and on demand by :func:`identity.pixel_fingerprint` (a full decode, no windowing or
+    resizing; ``identity`` is :mod:`tasks.dicom.identity`, which imports the pixel path).
     Same value for every lossless encoding of the same values. For a lossy syntax (baseline or
     extended JPEG, JPEG 2000 with the irreversible wavelet) it is a hash of what *this* decoder
     produced: another decoder (or version) may differ by a unit here and there, so a lossy file
@@ -26,16 +27,17 @@ definition gets a new kind rather than silently new values):
     It matches the same codestream in any wrapper (another transfer syntax encoding of the data
     set, re-fragmented, implicit VR meta), but not the same pixels encoded differently: a
     native copy of a JPEG 2000 lossless file has another kind (``px1``), and a re-encoding by
-    another JPEG 2000 encoder has another ``cs1``. :func:`tasks.dicom.identity.codestream_fingerprint` computes it
-    on demand without decoding.
+    another JPEG 2000 encoder has another ``cs1``. :func:`identity.codestream_fingerprint`
+    computes it on demand without decoding.
 
 How to decide whether a stored instance and a new file with the same UID are the same image
-(:func:`tasks.dicom.identity.compare` does this): equal strings are the same image. Different strings of the same kind
-``px1`` are different images. Otherwise convert to a common kind: a stored ``px1`` against a new
-``cs1`` -> :func:`tasks.dicom.identity.pixel_fingerprint` of the new file (one full decode, rare: only when a UID is
-seen again). A stored ``cs1`` against a new file -> the new file's :func:`tasks.dicom.identity.codestream_fingerprint`
-when it is encapsulated; when that differs (or it is not encapsulated), only a full decode of
-*both* can tell, which needs the stored file: :func:`compare` does it when given the stored
+(:func:`identity.compare` does this): equal strings are the same image. Different strings of
+the same kind ``px1`` are different images. Otherwise convert to a common kind: a stored ``px1``
+against a new ``cs1`` -> :func:`identity.pixel_fingerprint` of the new file (one full decode,
+rare: only when a UID is seen again). A stored ``cs1`` against a new file -> the new file's
+:func:`identity.codestream_fingerprint` when it is encapsulated; when that differs (or it is
+not encapsulated), only a full decode of *both* can tell, which needs the stored file:
+:func:`identity.compare` does it when given the stored
 file, and otherwise answers "unknown" (the caller should treat that as a conflict, which errs
 towards keeping both and saying so).
 
