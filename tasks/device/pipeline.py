@@ -10,7 +10,8 @@ For each batch (:class:`DevicePixels`), in the process that owns the device:
 2. **count** (stats stream, after the copy): Bits Stored corrected (frames), each pixel's index
    into the batch's table computed once, the whole batch's histograms counted in one vector
    (``index_add_`` on a GPU: ``bincount`` would wait for the device to size its output);
-   the histograms (a few KB per image) come back to the host.
+   the histograms (4 bytes per value Bits Stored allows: 16 KB for a 12-bit image) come back
+   to the host.
 3. **tables** (host): each image's display table from its histogram and header with the CPU
    path's own functions (``tasks.device.tables``): modality LUT, VOI LUT / window /
    percentiles and MONOCHROME1 inversion as ONE table; a blank or non-finite image fails here
@@ -57,8 +58,10 @@ from tasks.dicom.pixels import DISPLAY_LEVELS
 from tasks.dicom.values import safe_json
 
 DEFAULT_BATCH_PIXELS_CUDA = 1 << 30
-"""Pixels per device batch on a GPU (~290 images of 2000 x 1840): ~10 GB of device memory
-for the stored values, indices, levels and the resize's intermediates."""
+"""Pixels per device batch on a GPU at most (~290 images of 2000 x 1840). A batch holds about
+20 bytes per pixel on the device at its peak (stored values, their copies, table indices,
+summands, running sums) and the next batch, staged meanwhile, about 12: a quarter of the
+device's memory bounds the two (:func:`_batch_pixels`)."""
 DEFAULT_BATCH_PIXELS_CPU = 1 << 25
 
 
@@ -179,9 +182,7 @@ class DevicePixels:
         self.spec = spec
         self.device = device
         self.batch_size = max(1, batch_size)
-        self.batch_pixels = batch_pixels or (
-            DEFAULT_BATCH_PIXELS_CUDA if device.type == "cuda" else DEFAULT_BATCH_PIXELS_CPU
-        )
+        self.batch_pixels = batch_pixels or _batch_pixels(device)
         self.frame_decoder = frame_decoder
         self.profile = profile
         self.timings: Counter = Counter()
@@ -532,6 +533,14 @@ def _host_tensor(array: np.ndarray | None) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(array)
+
+
+def _batch_pixels(device: torch.device) -> int:
+    """Default pixels per batch: :data:`DEFAULT_BATCH_PIXELS_CUDA`, less on a smaller GPU."""
+    if device.type != "cuda":
+        return DEFAULT_BATCH_PIXELS_CPU
+    memory = torch.cuda.get_device_properties(device).total_memory
+    return int(max(1 << 24, min(DEFAULT_BATCH_PIXELS_CUDA, memory // (4 * 32))))
 
 
 def _stored_range(layout: PixelLayout | None) -> tuple[int, int]:
