@@ -8,7 +8,7 @@
 # tested here, so that only torch, numpy and Pillow come from the image), in two
 # folders that each travel in one call (64 MiB per call with the working tree):
 #
-#   .whl-gpu  nvImageCodec, nvJPEG2000, nvJPEG                       (~31 MiB)
+#   .whl-gpu  nvImageCodec, nvJPEG2000, nvJPEG                       (~39 MiB)
 #   .whl-py   pydicom + codecs, Prefect (client and server), SQLAlchemy, pydantic, ...  (~45 MiB)
 #
 # Run here, from the repository root (it asks the package index for these exact files only):
@@ -35,7 +35,9 @@ for d in /.whl-gpu/ /.whl-py/ /.site/; do
     grep -qxF "$d" "$EXCLUDE" 2>/dev/null || echo "$d" >> "$EXCLUDE"
 done
 
-GPU="nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-nvjpeg2k-cu13==0.11.0.51 nvidia-nvjpeg==13.3.2.43"
+# 0.8: the release whose Python API tasks/dicom/decoders/nvimgcodec.py was written from (0.9.0.20
+# is newer; NVIMGCODEC=0.9.0.20 sh benchmarks/gpu_wheels.sh to try it)
+GPU="nvidia-nvimgcodec-cu13==${NVIMGCODEC:-0.8.0.22} nvidia-nvjpeg2k-cu13==0.11.0.51 nvidia-nvjpeg==13.3.2.43"
 PYPKGS="aiosqlite alembic amplitude-analytics annotated-types asgi-lifespan asyncpg beartype
 burner-redis cachetools cffi coolname cronsim cryptography exceptiongroup fastapi graphviz
 greenlet griffecli griffelib h2 hpack hyperframe jinja2-humanize-extension jsonpointer jsonschema
