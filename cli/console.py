@@ -125,7 +125,16 @@ def exit_on_error(
     except _CLICK_EXITS:
         raise  # an exit already decided (fail() inside the block, Typer's own errors)
     except caught as exc:
+        if _interrupted(exc):
+            raise  # SIGINT/SIGTERM stopped the run: cli.stopping says so, not as an error
         fail(reason(exc))
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """The error came out of a stop (SIGINT, SIGTERM) under way (``tasks.interrupts``; not
+    imported for this: without it no stop can have started)."""
+    interrupts = sys.modules.get("tasks.interrupts")
+    return interrupts is not None and bool(interrupts.signal_of(exc) or interrupts.stopping())
 
 
 # --- quiet Prefect -----------------------------------------------------------------------------

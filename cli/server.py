@@ -53,6 +53,7 @@ __all__ = [
     "LocalPrefectServer",
     "LocalServerError",
     "configured_api_url",
+    "done_with_temporary_server",
     "free_port",
     "is_healthy",
     "port_is_free",
@@ -297,6 +298,14 @@ class LocalPrefectServer:
     def exited(self) -> bool:
         return self.process is not None and self.process.poll() is not None
 
+    def release(self) -> None:
+        """Ask the server to stop (close its stdin) without waiting: for when this process is
+        done with it; it shuts down while this process exits, and ``stop`` (at exit) waits for
+        what is left of that."""
+        if self.process is not None and self.process.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()
+
     def stop(self, grace: float = 10.0, hurry: Callable[[], bool] = lambda: False) -> None:
         """Stop the server (idempotent); Prefect's clients must be done with it.
 
@@ -395,9 +404,32 @@ def start_local_server() -> LocalPrefectServer | None:
             return None
     if configured_api_url():
         return None
-    server = LocalPrefectServer(temporary=True).start()
+    global _temporary
+    server = _temporary = LocalPrefectServer(temporary=True).start()
     os.environ["PREFECT_API_URL"] = server.api_url
     return server
+
+
+_temporary: LocalPrefectServer | None = None  # the one this command started
+
+
+def done_with_temporary_server(flush_timeout: float = 10.0) -> None:
+    """The command has made its last call to its temporary server (if it started one): send
+    Prefect's buffered logs and events now, then let the server shut down while the command
+    exits, instead of after (its graceful stop takes a second or more)."""
+    if _temporary is None or _temporary.process is None or _temporary.exited():
+        return
+    for module, name in (
+        ("prefect.events.worker", "EventsWorker"),
+        ("prefect.logging.handlers", "APILogWorker"),
+    ):
+        worker = getattr(sys.modules.get(module), name, None)
+        if worker is not None:
+            # Prefect's services drain themselves at exit too; here only earlier. A Prefect
+            # whose services changed shape just drains at exit, with the server still up.
+            with contextlib.suppress(Exception):
+                worker.drain_all(timeout=flush_timeout)
+    _temporary.release()
 
 
 @contextlib.contextmanager

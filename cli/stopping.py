@@ -12,7 +12,9 @@ with 128 + the signal (130 for SIGINT, 143 for SIGTERM)::
 A signal that comes while the run is stopping is ignored (the stop takes seconds; SIGKILL ends
 it at once, and a later run marks the run ``abandoned``). Once the line is printed, or once
 the command's work is done, another signal ends the process at once: what is left is Prefect
-flushing its logs and the temporary server stopping.
+flushing its logs and the temporary server stopping. Both overlap the process's exit: the
+server is told to stop once the command is done with it, and an interrupted command skips
+the interpreter's teardown once the server has stopped.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
+import click
 import typer
 
 from cli.console import err_console
@@ -88,27 +91,46 @@ def _exit_now(signum: int, frame: FrameType | None) -> None:
 def stop_on_signals() -> Iterator[RunWatch]:
     """For a command's body: SIGINT and SIGTERM stop its run in order, then the command
     prints one line and exits 130 or 143 (see the module's text)."""
+    from cli.server import done_with_temporary_server
     from flows.progress import add_listener, remove_listener
     from tasks import interrupts
 
     watch = RunWatch()
     add_listener(watch)
     previous = interrupts.install()
+    # Exit functions run last registered first: this one after the temporary server's stop.
+    atexit.register(_end_an_interrupted_command)
     try:
         yield watch
     except BaseException as exc:
-        signum = interrupts.signal_of(exc)
-        if signum is None:
+        signum = interrupts.signal_of(exc) or interrupts.stopping()
+        if signum is None or isinstance(exc, typer.Exit | click.exceptions.Exit):
             raise
         interrupts.note(signum)
         err_console.print(watch.line(signum), highlight=False, soft_wrap=True)
-        raise typer.Exit(128 + signum) from None
+        global _exit_code
+        _exit_code = 128 + signum
+        raise typer.Exit(_exit_code) from None
     finally:
         remove_listener(watch)
         interrupts.uninstall(previous)
-        # The interpreter's exit (Prefect flushing, the temporary server stopping) runs the
-        # exit functions last registered first: this one before theirs.
+        # This one before the exit functions of Prefect and of the temporary server.
         atexit.register(_late_signals_exit_now)
+        done_with_temporary_server()
+
+
+_exit_code: int | None = None  # set once an interrupted command has said so
+
+
+def _end_an_interrupted_command() -> None:
+    """The last exit function of an interrupted command, once its temporary server has
+    stopped: end the process now, without the interpreter's own teardown (a second or more
+    of freeing memory and unloading torch), which the stop has no use for."""
+    if _exit_code is not None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(_exit_code)
 
 
 def _late_signals_exit_now() -> None:

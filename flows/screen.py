@@ -40,7 +40,7 @@ from tasks.dicom.pacs.config import PacsConfig, PacsConfigError, is_pacs_source
 from tasks.dicom.pacs.source import PacsRetrieval
 from tasks.dicom.selection import SelectionPolicy
 from tasks.ingest import estimate_total, scan, shards
-from tasks.interrupts import held, in_charge, note, signal_of
+from tasks.interrupts import held, in_charge, note, signal_of, stopping
 from tasks.screening import RunContext, ShardRows, close_run
 from tasks.shard_loop import ShardLoop, ShardSteps, Tally
 
@@ -314,7 +314,7 @@ def _close(run: RunContext, loop: ShardLoop | None, ending: BaseException | None
     """
     tally = loop.tally if loop is not None else Tally()
     shards_stored = loop.shards_stored if loop is not None else 0
-    signum = signal_of(ending)
+    signum = signal_of(ending) or (stopping() if ending is not None else None)
     with held():
         if signum is None:
             error = None if ending is None else f"{type(ending).__name__}: {ending}"

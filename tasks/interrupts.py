@@ -65,16 +65,23 @@ def signal_of(exc: BaseException | None) -> int | None:
 
     :class:`Interrupted` carries its signal; a bare ``KeyboardInterrupt`` is SIGINT; Prefect's
     ``TerminationSignal`` (not imported here: ``tasks/`` stays plain) is a ``BaseException``
-    with the signal in its ``signal`` attribute.
+    with the signal in its ``signal`` attribute. An error raised while an interruption was
+    being handled counts as that interruption (it is in the error's ``__context__`` chain):
+    e.g. Prefect's ``ValueError: Task run is not set`` when the signal lands while a task
+    starts, before its run exists.
     """
-    if isinstance(exc, Interrupted):
-        return exc.signum
-    if isinstance(exc, KeyboardInterrupt):
-        return signal.SIGINT
-    if isinstance(exc, BaseException) and not isinstance(exc, Exception):
-        signum = getattr(exc, "signal", None)
-        if isinstance(signum, int) and signum in STOP_SIGNALS:
-            return signum
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, Interrupted):
+            return exc.signum
+        if isinstance(exc, KeyboardInterrupt):
+            return signal.SIGINT
+        if not isinstance(exc, Exception):
+            signum = getattr(exc, "signal", None)
+            if isinstance(signum, int) and signum in STOP_SIGNALS:
+                return signum
+        exc = exc.__cause__ or exc.__context__
     return None
 
 
