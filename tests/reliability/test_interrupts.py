@@ -1,6 +1,8 @@
 """Interrupts through the real command: SIGINT and SIGTERM, to ``cxr-screen screen`` alone, to
 its process group (a terminal's Ctrl-C, ``kill -- -PGID``) and to every process it started
-(systemd stopping a unit's control group), once at least one shard has committed.
+(systemd stopping a unit's control group), once at least one shard has committed. The
+command that gets SIGINT alone is started as a shell starts a background job, with SIGINT
+ignored (it used to go on ignoring it and finish the run).
 
 Each trial checks what a user and the engineer on call see: the command ends within 10 s with
 130 or 143 and one line on stderr naming the run and how far it got; the run is closed
@@ -55,6 +57,13 @@ CASES = [
     ("postgresql", signal.SIGTERM, "process"),
     ("postgresql", signal.SIGINT, "group"),
 ]
+
+
+SIGINT_ALONE = (signal.SIGINT, "process")
+
+
+def _ignore_sigint() -> None:  # preexec_fn: what a shell does for a background job
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @dataclass
@@ -193,7 +202,10 @@ def test_a_stop_signal_ends_the_run_in_order_and_running_again_finishes_it(
     mark = uuid.uuid4().hex
     engine = sa.create_engine(url)
     try:
-        cli = Cli(setup.args(url), setup.env(mark), tmp_path / "run")
+        # SIGINT to the command alone: started as a shell starts a background job
+        # (`cxr-screen screen ... &`), with SIGINT ignored, which it used to keep ignoring.
+        background = {"preexec_fn": _ignore_sigint} if (sig, target) == SIGINT_ALONE else {}
+        cli = Cli(setup.args(url), setup.env(mark), tmp_path / "run", **background)
         try:
             # Wait until a shard of the run has committed (the schema may not exist yet).
             deadline = time.monotonic() + 300
