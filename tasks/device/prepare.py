@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
-import math
 import os
 import re
 import warnings
@@ -45,7 +44,7 @@ from model.spec import PreprocessSpec
 from tasks.device import arena
 from tasks.dicom import fingerprint
 from tasks.dicom import pixels as px
-from tasks.dicom.decoders import Decoded, PixelLayout, check_decodable, decode
+from tasks.dicom.decoders import PixelLayout, check_decodable, decode
 from tasks.dicom.discovery import SourceFile
 from tasks.dicom.outcomes import InputError
 from tasks.dicom.thumbnails import thumbnail_shape
@@ -218,9 +217,11 @@ def _prepare(data: bytes, args: dict[str, Any], options: Options, out: Prepared)
         out.kind, out.data, out.shape, out.dtype = FRAME, frame, frame.shape, frame.dtype.str
         out.record.facts = facts
         return fingerprint.of_codestream(ds, layout, photometric)
-    need = _min_shape(spec, reduced, options, out.thumb_shape)
+    need = px.reduced_decode_floor(
+        spec.input_size, options.reduce_margin if reduced else None, out.thumb_shape
+    )
     decoded = decode(ds, tsyntax, layout, min_shape=need)
-    facts.update(decode_facts(decoded))
+    facts.update(px.decode_facts(decoded))
     stored = decoded.array
     if stored.shape == (layout.rows, layout.columns):
         known = fingerprint.of_pixels(ds, layout, photometric, stored)
@@ -239,31 +240,6 @@ def _frame(ds: Dataset) -> np.ndarray | None:
         return np.frombuffer(get_frame(ds.PixelData, 0, number_of_frames=1), dtype=np.uint8)
     except Exception:
         return None
-
-
-def _min_shape(
-    spec: PreprocessSpec, reduced: bool, options: Options, thumb: tuple[int, int] | None
-) -> tuple[int, int] | None:
-    """How small a reduced-resolution decode may be (as ``pixels._preprocess`` decides)."""
-    if not reduced:
-        return None
-    if options.reduce_margin < 1.0:
-        raise ValueError(f"reduce_margin should be at least 1 instead of {options.reduce_margin}")
-    model_need = math.ceil(spec.input_size * options.reduce_margin)
-    return (max(model_need, thumb[0] if thumb else 0), max(model_need, thumb[1] if thumb else 0))
-
-
-def decode_facts(decoded: Decoded) -> dict[str, Any]:
-    """The decoding facts the CPU path records for every image."""
-    out: dict[str, Any] = {
-        "decoder": decoded.decoder,
-        "reduce_level": decoded.reduce_level,
-        "draft_scale": decoded.draft_scale,
-        "decoded_shape": list(decoded.array.shape),
-        "high_bits_masked": decoded.high_bits_masked,
-    }
-    out.update(decoded.notes)
-    return out
 
 
 def table_header(ds: Dataset) -> Dataset:

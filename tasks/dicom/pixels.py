@@ -177,19 +177,11 @@ def _preprocess(
 
     size = spec.input_size
     thumb = thumbnail_shape(layout.rows, layout.columns, thumbnail_size) if thumbnail_size else None
-    need = None
-    if reduce_margin is not None:
-        if reduce_margin < 1.0:
-            raise ValueError(f"reduce_margin should be at least 1 instead of {reduce_margin}")
-        model_need = math.ceil(size * reduce_margin)
-        need = (
-            max(model_need, thumb[0] if thumb else 0),
-            max(model_need, thumb[1] if thumb else 0),
-        )
+    need = reduced_decode_floor(size, reduce_margin, thumb)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about padding etc.; outcomes say enough
         decoded = decode(ds, tsyntax, layout, min_shape=need)
-    facts.update(_decode_facts(decoded))
+    facts.update(decode_facts(decoded))
 
     stored = decoded.array
     if stored.shape == (layout.rows, layout.columns):
@@ -451,7 +443,21 @@ def check_image(ds: Dataset, tsyntax: UID, max_pixels: int) -> tuple[PixelLayout
     return layout, photometric
 
 
-def _decode_facts(decoded: Decoded) -> dict[str, Any]:
+def reduced_decode_floor(
+    input_size: int, reduce_margin: float | None, thumb: tuple[int, int] | None
+) -> tuple[int, int] | None:
+    """The smallest (rows, columns) a reduced-resolution decode may give: ``reduce_margin`` x
+    the model input and the thumbnail's size; None when decoding at full resolution."""
+    if reduce_margin is None:
+        return None
+    if reduce_margin < 1.0:
+        raise ValueError(f"reduce_margin should be at least 1 instead of {reduce_margin}")
+    model_need = math.ceil(input_size * reduce_margin)
+    return (max(model_need, thumb[0] if thumb else 0), max(model_need, thumb[1] if thumb else 0))
+
+
+def decode_facts(decoded: Decoded) -> dict[str, Any]:
+    """The decoding facts recorded for every image (both pixel paths)."""
     out: dict[str, Any] = {
         "decoder": decoded.decoder,
         "reduce_level": decoded.reduce_level,
