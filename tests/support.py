@@ -52,3 +52,19 @@ def scratch_postgres_database() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def cli_env(home: Path, hmac_key: str = "cli-test-key") -> dict[str, str]:
+    """A clean environment for a `cxr-screen` subprocess with no Prefect API: the command
+    starts its own temporary server, under ``home``."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "LANG": "C.UTF-8",
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+        "CXR_SCREEN_HOME": str(home / "cxr"),
+        "CXR_SCREEN_HMAC_KEY": hmac_key,
+    }

@@ -15,28 +15,13 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from support import make_model
+from support import cli_env, make_model
 
 from cli import server as local_server
 from tasks.dicom import synth
 
 CLI = str(Path(sys.executable).parent / "cxr-screen")
 SERVER_MODULE = "cli.prefect_server"  # in the server process's command line
-
-
-def cli_env(home: Path) -> dict[str, str]:
-    """A clean environment with no Prefect API: the command starts its own server."""
-    return {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(home),
-        "LANG": "C.UTF-8",
-        "PREFECT_HOME": str(home / "prefect"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-        "CXR_SCREEN_HOME": str(home / "cxr"),
-        "CXR_SCREEN_HMAC_KEY": "cli-server-test-key",
-    }
 
 
 def children(pid: int) -> list[tuple[int, str]]:
@@ -75,7 +60,7 @@ def test_db_password_never_reaches_prefect(tmp_path, pg_url):
     home = tmp_path / "home"
     proc = subprocess.run(
         [CLI, "screen", str(corpus), "--model", str(model), "--db", url, "--json"],
-        env=cli_env(home),
+        env=cli_env(home, "cli-server-test-key"),
         capture_output=True,
         text=True,
         timeout=540,
@@ -112,7 +97,7 @@ def test_killed_cli_takes_its_server_with_it(tmp_path):
     model = make_model(tmp_path / "model.pt")
     cli = subprocess.Popen(
         [CLI, "screen", str(empty), "--model", str(model), "--db", f"sqlite:///{tmp_path}/r.db"],
-        env=cli_env(tmp_path / "home"),
+        env=cli_env(tmp_path / "home", "cli-server-test-key"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -284,7 +269,7 @@ def test_broken_profiles_toml_through_the_cli(tmp_path):
     (tmp_path / "m.pt").touch()  # the options are checked first: let them pass
     proc = subprocess.run(
         [CLI, "screen", str(tmp_path), "--model", str(tmp_path / "m.pt")],
-        env=cli_env(home),
+        env=cli_env(home, "cli-server-test-key"),
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -6,7 +6,6 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
-import os
 import re
 import socket
 import subprocess
@@ -23,6 +22,7 @@ import numpy as np
 import pydicom
 import sqlalchemy as sa
 from pydicom.uid import generate_uid
+from support import cli_env
 
 from tasks.dicom import synth
 
@@ -91,25 +91,11 @@ def make_web_model(path: Path, version: str = "web-1", threshold: float = THRESH
     return path
 
 
-def cli_env(home: Path) -> dict[str, str]:
-    return {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(home),
-        "LANG": "C.UTF-8",
-        "PREFECT_HOME": str(home / "prefect"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-        "CXR_SCREEN_HOME": str(home / "cxr"),
-        "CXR_SCREEN_HMAC_KEY": "web-test-key",
-    }
-
-
 def screen(tree: Path, model: Path, url: str, home: Path) -> dict[str, Any]:
     """A real `cxr-screen screen` run (its own temporary Prefect server)."""
     proc = subprocess.run(
         [CLI, "screen", str(tree), "--model", str(model), "--db", url, "--json", "--workers", "0"],
-        env=cli_env(home),
+        env=cli_env(home, "web-test-key"),
         capture_output=True,
         text=True,
         timeout=600,
