@@ -33,7 +33,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # functions did not run shows "-". The steps do not nest within each other.
 STEPS: list[tuple[str, tuple[tuple[str, str], ...]]] = [
     ("read file", (("tasks/dicom/discovery.py", "read_bytes"),)),
-    ("file sha256 (ingest)", (("~", "<built-in method _hashlib.openssl_sha256>"),)),
+    # before: a SHA-256 of the whole file in decode_item; after: the content hash, whose pixels
+    # enter as their px1 (fingerprint.content_sha256)
+    (
+        "file / content hash",
+        (
+            ("~", "<built-in method _hashlib.openssl_sha256>"),
+            ("tasks/dicom/fingerprint.py", "content_sha256"),
+        ),
+    ),
     ("parse (dcmread)", (("pydicom/filereader.py", "dcmread"),)),
     ("decode (+ bits check)", (("tasks/dicom/decoders/registry.py", "decode"),)),
     ("px1 fingerprint", (("tasks/dicom/fingerprint.py", "of_pixels"),)),

@@ -201,6 +201,9 @@ class Instance(Base):
     study_date: Mapped[dt.date | None]
     accession_number: Mapped[str | None]
     patient_id_hash: Mapped[str | None]
+    # SHA-256 of the file's content: its bytes, native pixel data entering as its pixel
+    # fingerprint (tasks.dicom.fingerprint.content_sha256; rows written before 2026-11-29
+    # hold a plain SHA-256 of the file: comparing them falls through to the fingerprints)
     content_sha256: Mapped[str]
     source_uri: Mapped[str]  # where it was first seen
     first_seen_run_id: Mapped[int | None]  # references runs.run_id (checked by the writer)

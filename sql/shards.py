@@ -264,7 +264,8 @@ def _merged(parts: list[ShardResult]) -> ShardResult:
 def same_content(stored: dict[str, Any], new: dict[str, Any]) -> tuple[bool | None, str]:
     """Whether two files of one SOP Instance UID hold the same content, and on what basis.
 
-    In order: the same bytes (``content_sha256``) are the same content; two pixel fingerprints
+    In order: the same content hash (``content_sha256``: the same bytes, native pixel data
+    compared by its stored values) is the same content; two pixel fingerprints
     of one scheme decide; the same codestream fingerprint is the same content (a different one
     proves nothing: a lossless re-encoding changes the codestream, not the pixels). Two files
     without any fingerprint are compared by their bytes alone (rows from before fingerprints).
@@ -272,7 +273,7 @@ def same_content(stored: dict[str, Any], new: dict[str, Any]) -> tuple[bool | No
     the text before its first ``:``; fingerprints of different schemes are not compared.
     """
     if stored["content_sha256"] == new["content_sha256"]:
-        return True, "same bytes"
+        return True, "same content hash"
     pixel = _comparable(stored.get("pixel_fingerprint"), new.get("pixel_fingerprint"))
     if pixel is not None:
         return pixel, "pixel fingerprint"
@@ -541,7 +542,7 @@ def _image_prediction_rows(
                 uid,
                 f"duplicate: SOP Instance UID {uid} was already predicted in run {by} from "
                 f"{source}, and this copy has the same content "
-                f"({bases.get(uri, 'same bytes')}); not predicted again",
+                f"({bases.get(uri, 'same content hash')}); not predicted again",
             )
             continue
         study = row.get("study_instance_uid") or stored[uid]["study_instance_uid"]

@@ -131,7 +131,8 @@ THUMBNAIL_SIZE = 256  # px, the longer side of a stored thumbnail
 class Decoded:
     """The result of decoding one selected file (in a worker process).
 
-    ``content_sha256`` hashes the file's bytes; the content fingerprints identify the image
+    ``content_sha256`` hashes the file's content (``fingerprint.content_sha256``: its bytes, with
+    native pixel data entering as its ``px1``); the content fingerprints identify the image
     whatever its encoding (``tasks.dicom.fingerprint``): ``pixel_fingerprint`` (``px1``) when
     the full-resolution values were decoded, ``codestream_fingerprint`` (``cs1``) when the pixel
     path decoded at reduced resolution, and both when ``decode_item`` was asked for them.
@@ -170,7 +171,7 @@ def decode_item(
     thumbnail_size: int = THUMBNAIL_SIZE,
     both_fingerprints: bool = False,
 ) -> Decoded:
-    """Read, hash and preprocess one selected file; a failure is returned, never raised.
+    """Read, preprocess and hash one selected file; a failure is returned, never raised.
 
     ``both_fingerprints``: also compute the content fingerprint of the other kind (a full
     decode for a file the pixel path decoded at reduced resolution; the codestream's hash for
@@ -181,7 +182,6 @@ def decode_item(
     spec = PreprocessSpec.from_dict(spec_dict)
     try:
         data = src.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pre = preprocess(
@@ -190,6 +190,7 @@ def decode_item(
                 reduced=reduced,
                 thumbnail_size=thumbnail_size if thumbnails_dir else None,
             )
+        digest = fingerprint.content_sha256(data, pre.fingerprint, pre.pixel_span)
     except InputError as exc:
         return Decoded(src.uri, error=str(exc))
     except MemoryError:

@@ -28,7 +28,6 @@ only a pixel-less copy of the few header attributes the display table needs
 from __future__ import annotations
 
 import functools
-import hashlib
 import inspect
 import os
 import re
@@ -143,11 +142,11 @@ def prepare_item(
     out = Prepared(Record(src.uri))
     try:
         data = src.read_bytes()
-        out.record.content_sha256 = hashlib.sha256(data).hexdigest()  # as decode_item
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            known = _prepare(data, args, options, out)
+            known, span = _prepare(data, args, options, out)
             _set_fingerprints(out.record, known, data if args.get("both_fingerprints") else None)
+        out.record.content_sha256 = fingerprint.content_sha256(data, known, span)  # as decode_item
     except InputError as exc:
         reason = str(exc)
         if out.read_warnings:  # as tasks.dicom.pixels.preprocess words it
@@ -186,8 +185,11 @@ def _read(data: bytes) -> tuple[Dataset, list[str]]:
     return ds, kept
 
 
-def _prepare(data: bytes, args: dict[str, Any], options: Options, out: Prepared) -> str:
-    """Fill ``out``; returns the content fingerprint the pixel path computed."""
+def _prepare(
+    data: bytes, args: dict[str, Any], options: Options, out: Prepared
+) -> tuple[str, tuple[int, int] | None]:
+    """Fill ``out``; returns the content fingerprint the pixel path computed and, for a ``px1``
+    of native pixel data, where that data lies in ``data`` (``fingerprint.native_span``)."""
     spec = PreprocessSpec.from_dict(args["spec_dict"])
     reduced = bool(args.get("reduced", True))
     size = args.get("thumbnail_size") if args.get("thumbnails_dir") else None
@@ -216,21 +218,23 @@ def _prepare(data: bytes, args: dict[str, Any], options: Options, out: Prepared)
     if str(tsyntax) in options.device_syntaxes and (frame := _frame(ds)) is not None:
         out.kind, out.data, out.shape, out.dtype = FRAME, frame, frame.shape, frame.dtype.str
         out.record.facts = facts
-        return fingerprint.of_codestream(ds, layout, photometric)
+        return fingerprint.of_codestream(ds, layout, photometric), None
     need = px.reduced_decode_floor(
         spec.input_size, options.reduce_margin if reduced else None, out.thumb_shape
     )
     decoded = decode(ds, tsyntax, layout, min_shape=need)
     facts.update(px.decode_facts(decoded))
     stored = decoded.array
+    span = None
     if stored.shape == (layout.rows, layout.columns):
         known = fingerprint.of_pixels(ds, layout, photometric, stored)
+        span = fingerprint.native_span(ds, tsyntax)
     else:  # reduced resolution: the full-resolution values were never decoded
         known = fingerprint.of_codestream(ds, layout, photometric)
     stored = stored.astype(stored.dtype.newbyteorder("="), copy=False)
     out.kind, out.data, out.shape, out.dtype = PIXELS, stored, stored.shape, stored.dtype.str
     out.record.facts = facts
-    return known
+    return known, span
 
 
 def _frame(ds: Dataset) -> np.ndarray | None:
@@ -275,7 +279,7 @@ def _done(
     if pre.thumbnail is not None:
         out.thumb_shape = tuple(pre.thumbnail.shape)  # type: ignore[assignment]
     out.record.facts = facts
-    return pre.fingerprint
+    return pre.fingerprint, pre.pixel_span
 
 
 def _place(out: Prepared, arena_name: str | None, slot: tuple | None) -> None:

@@ -56,6 +56,15 @@ Native little-endian pixel data is hashed in place (the decoder's array is a vie
 file's bytes; no copy). Hashing each chunk of rows inside the pixel path's one reduction pass,
 while it is in cache, measured no faster (4.1 ms either way): the hash's arithmetic is the cost,
 not reading the pixels.
+
+The file's content hash (:func:`content_sha256`, the instances' ``content_sha256`` column) is
+not a second pass over the pixels: for native (uncompressed, not deflated) pixel data whose
+``px1`` the pixel path computed, the Pixel Data value enters the hash as that fingerprint,
+which already covers every stored value; every other byte of the file is hashed as it is. Equal
+content hashes mean the same bytes outside Pixel Data and the same stored values (bits above
+Bits Stored, which no reader uses, are not compared). Other files (encapsulated, deflated, or
+decoded at reduced resolution) are hashed byte for byte: their bytes are small beside the cost
+of decoding them. This saved the 4.2 ms that a SHA-256 of a 7.4 MB file cost beside ``px1``.
 """
 
 from __future__ import annotations
@@ -69,6 +78,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.multival import MultiValue
+from pydicom.uid import UID
 
 from tasks.dicom.decoders import PixelLayout
 from tasks.dicom.luts import read_lut
@@ -183,3 +193,43 @@ def of_codestream(ds: Dataset, layout: PixelLayout, photometric: str) -> str:
     h = _start(CODESTREAM, ds, layout, photometric)
     h.update(frame_bytes(ds))
     return f"{CODESTREAM}:{h.hexdigest()}"
+
+
+#: Domain prefix of a content hash with the Pixel Data value replaced by its ``px1``: such a
+#: hash can never equal the plain SHA-256 of some file's bytes (short of a collision).
+_CONTENT_PREFIX = b"cxr-screen content hash 1: native Pixel Data as its px1 fingerprint\n"
+
+
+def native_span(ds: Dataset, tsyntax: UID) -> tuple[int, int] | None:
+    """Where the native Pixel Data value lies in the bytes ``ds`` was read from, as
+    ``(start, end)`` offsets; None when the pixel data is encapsulated, the data set deflated
+    (offsets then refer to the inflated stream), or the position is unknown."""
+    if tsyntax.is_compressed or tsyntax.is_deflated or "PixelData" not in ds:
+        return None
+    elem = ds["PixelData"]
+    start = getattr(elem, "file_tell", None)
+    if start is None or elem.is_undefined_length or not isinstance(elem.value, bytes | bytearray):
+        return None
+    return start, start + len(elem.value)
+
+
+def content_sha256(
+    data: bytes | bytearray | memoryview,
+    pixel_fingerprint: str | None = None,
+    span: tuple[int, int] | None = None,
+) -> str:
+    """The file's content hash (hex): SHA-256 of ``data``, or, given the ``px1`` fingerprint
+    of the native pixel data at ``span`` (:func:`native_span`), of the bytes around that value
+    with the fingerprint in its place (see the module)."""
+    if not pixel_fingerprint or span is None or not pixel_fingerprint.startswith(f"{PIXELS}:"):
+        return hashlib.sha256(data).hexdigest()
+    start, end = span
+    if not 0 <= start <= end <= len(data):
+        raise ValueError(f"pixel span {span} lies outside the {len(data)} bytes given")
+    view = memoryview(data)
+    h = hashlib.sha256(_CONTENT_PREFIX)
+    h.update(start.to_bytes(8, "little"))
+    h.update(view[:start])
+    h.update(pixel_fingerprint.encode("ascii"))
+    h.update(view[end:])
+    return h.hexdigest()

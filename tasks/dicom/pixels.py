@@ -110,6 +110,9 @@ class Preprocessed:
     thumbnail: np.ndarray | None  # uint8 (rows', cols') from the same windowed image
     facts: dict[str, Any] = field(default_factory=dict)  # JSON-able record of what was applied
     fingerprint: str = ""  # content fingerprint, "px1:..." or "cs1:..." (tasks.dicom.fingerprint)
+    # where the native Pixel Data value that ``px1`` hashed lies in the bytes the data set was
+    # read from (``fingerprint.native_span``); None when the fingerprint is not of those bytes
+    pixel_span: tuple[int, int] | None = None
 
 
 def preprocess(
@@ -184,8 +187,10 @@ def _preprocess(
     facts.update(decode_facts(decoded))
 
     stored = decoded.array
+    span = None
     if stored.shape == (layout.rows, layout.columns):
         content = fingerprint.of_pixels(ds, layout, photometric, stored)
+        span = fingerprint.native_span(ds, tsyntax)
     else:  # reduced resolution: the full-resolution values were never decoded
         content = fingerprint.of_codestream(ds, layout, photometric)
     modality = modality_transform(ds, layout)
@@ -220,7 +225,11 @@ def _preprocess(
         facts["thumbnail_shape"] = list(thumbnail.shape)
     facts["input_size"] = size
     return Preprocessed(
-        image=image, thumbnail=thumbnail, facts=safe_json(facts), fingerprint=content
+        image=image,
+        thumbnail=thumbnail,
+        facts=safe_json(facts),
+        fingerprint=content,
+        pixel_span=span,
     )
 
 

@@ -220,7 +220,7 @@ def test_another_model_version_predicts_the_first_copy_it_sees(Session, engine, 
 
 def test_same_content_rules():
     base = {"content_sha256": "a" * 64, "pixel_fingerprint": None, "codestream_fingerprint": None}
-    assert shards.same_content(base, dict(base)) == (True, "same bytes")
+    assert shards.same_content(base, dict(base)) == (True, "same content hash")
     other = {**base, "content_sha256": "b" * 64}
     assert shards.same_content(base, other) == (False, "content sha256")
     with_px = {**other, "pixel_fingerprint": PIXELS}
