@@ -40,9 +40,9 @@ INT_MIN, INT_MAX = -(2**31), 2**31 - 1  # the integer columns (PostgreSQL ``inte
 #: source_uri, content_sha256 (sha256 hex of the file's content: its bytes, with native pixel
 #: data entering as its pixel fingerprint; ``tasks.dicom.fingerprint.content_sha256``).
 #: ``pixel_fingerprint`` (a hash of the decoded native pixels and the attributes that give
-#: them their meaning) and ``codestream_fingerprint`` (a hash of the compressed frames and those attributes, when the
-#: pixels were decoded at reduced resolution) identify the instance's content: a copy in
-#: another encoding has the same pixel fingerprint (see ``sql.shards``). ``study_date`` is a
+#: them their meaning) and ``codestream_fingerprint`` (a hash of the compressed frames and
+#: those attributes, when the pixels were decoded at reduced resolution) identify the
+#: instance's content: a copy in another encoding has the same pixel fingerprint (see ``sql.shards``). ``study_date`` is a
 #: ``datetime.date`` or a DICOM DA string (YYYYMMDD); ``patient_id_hash`` is a keyed hash
 #: (64 hex digits) and never a raw ID. Unknown keys are rejected (catches raw PHI and typos).
 INSTANCE_KEYS = {
