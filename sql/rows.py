@@ -42,9 +42,10 @@ INT_MIN, INT_MAX = -(2**31), 2**31 - 1  # the integer columns (PostgreSQL ``inte
 #: ``pixel_fingerprint`` (a hash of the decoded native pixels and the attributes that give
 #: them their meaning) and ``codestream_fingerprint`` (a hash of the compressed frames and
 #: those attributes, when the pixels were decoded at reduced resolution) identify the
-#: instance's content: a copy in another encoding has the same pixel fingerprint (see ``sql.shards``). ``study_date`` is a
-#: ``datetime.date`` or a DICOM DA string (YYYYMMDD); ``patient_id_hash`` is a keyed hash
-#: (64 hex digits) and never a raw ID. Unknown keys are rejected (catches raw PHI and typos).
+#: instance's content: a copy in another encoding has the same pixel fingerprint (see
+#: ``sql.shards``). ``study_date`` is a ``datetime.date`` or a DICOM DA string (YYYYMMDD);
+#: ``patient_id_hash`` is a keyed hash (64 hex digits) and never a raw ID. Unknown keys are
+#: rejected (catches raw PHI and typos).
 INSTANCE_KEYS = {
     "sop_instance_uid": True,
     "study_instance_uid": True,
