@@ -202,11 +202,15 @@ def predicted_files(session: Session, model_id: int, files: Iterable[tuple[str, 
     return found
 
 
-def stored_uids(session: Session, sop_uids: Iterable[str]) -> set[str]:
+def stored_uids(session: Session, sop_uids: Iterable[str]) -> dict[str, str]:
     """The subset of ``sop_uids`` stored as instances (by any run or model version): a file
-    with such a UID may be a copy, worth both content fingerprints (``sql.shards``)."""
+    with such a UID may be a copy, worth both content fingerprints (``sql.shards``). Each with
+    the scheme of its stored pixel fingerprint (the text before its ``:``; '' when it has
+    none), so that the copy's can be computed in the same scheme."""
     table = Instance.__table__
-    found: set[str] = set()
+    found: dict[str, str] = {}
     for where in member_of(session, table.c.sop_instance_uid, sop_uids):
-        found.update(session.execute(sa.select(table.c.sop_instance_uid).where(where)).scalars())
+        query = sa.select(table.c.sop_instance_uid, table.c.pixel_fingerprint).where(where)
+        for uid, pixel in session.execute(query):
+            found[uid] = pixel.split(":", 1)[0] if pixel and ":" in pixel else ""
     return found

@@ -170,6 +170,7 @@ def decode_item(
     thumbnails_dir: str | None = None,
     thumbnail_size: int = THUMBNAIL_SIZE,
     both_fingerprints: bool = False,
+    pixel_kind: str = fingerprint.PIXELS,
 ) -> Decoded:
     """Read, preprocess and hash one selected file; a failure is returned, never raised.
 
@@ -177,6 +178,8 @@ def decode_item(
     decode for a file the pixel path decoded at reduced resolution; the codestream's hash for
     an encapsulated file it decoded fully), for a file whose SOP Instance UID was seen before
     (the planner asks): the stored copy can then be compared whichever kind it has.
+    ``pixel_kind``: the kind of pixel fingerprint (``px2``; ``px1`` when the planner found the
+    UID stored with one, as versions before 2026-11-29 stored it).
     Module-level and picklable so that a spawn-context process pool can run it.
     """
     spec = PreprocessSpec.from_dict(spec_dict)
@@ -189,6 +192,7 @@ def decode_item(
                 spec,
                 reduced=reduced,
                 thumbnail_size=thumbnail_size if thumbnails_dir else None,
+                pixel_kind=pixel_kind,
             )
         digest = fingerprint.content_sha256(data, pre.fingerprint, pre.pixel_span)
     except InputError as exc:
@@ -208,14 +212,16 @@ def decode_item(
         except OSError as exc:
             pre.facts["thumbnail_error"] = f"could not write the thumbnail: {exc.strerror or exc}"
     decoded = Decoded(src.uri, pre.image, digest, pre.facts, thumb)
-    _set_fingerprints(decoded, pre.fingerprint, data if both_fingerprints else None)
+    _set_fingerprints(decoded, pre.fingerprint, data if both_fingerprints else None, pixel_kind)
     return decoded
 
 
-def _set_fingerprints(decoded: Decoded, known: str, data: bytes | None) -> None:
+def _set_fingerprints(
+    decoded: Decoded, known: str, data: bytes | None, pixel_kind: str = fingerprint.PIXELS
+) -> None:
     """The pixel path's fingerprint in its field; with ``data``, the other kind too (a failure
     to compute it is a fact, not a failure of the file: the first kind is still known)."""
-    if known.startswith(f"{fingerprint.PIXELS}:"):
+    if fingerprint.is_pixel(known):
         decoded.pixel_fingerprint = known
     elif known.startswith(f"{fingerprint.CODESTREAM}:"):
         decoded.codestream_fingerprint = known
@@ -225,7 +231,7 @@ def _set_fingerprints(decoded: Decoded, known: str, data: bytes | None) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if decoded.pixel_fingerprint is None:
-                decoded.pixel_fingerprint = identity.pixel_fingerprint(data)
+                decoded.pixel_fingerprint = identity.pixel_fingerprint(data, pixel_kind)
             elif decoded.codestream_fingerprint is None:
                 decoded.codestream_fingerprint = identity.codestream_fingerprint(data)
     except InputError as exc:

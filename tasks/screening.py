@@ -27,6 +27,7 @@ from sql import predictions, runs, shards
 from sql.db import session_factory
 from tasks import decode_pool
 from tasks.decode_pool import DecodeJob, DecodePool, default_workers
+from tasks.dicom import fingerprint
 from tasks.dicom.headers import InstanceHeader
 from tasks.dicom.outcomes import Outcome
 from tasks.ingest import NO_HEADER_REASON, THUMBNAIL_SIZE, Decoded, ScanItem
@@ -214,6 +215,7 @@ class ShardProcessor:
                 self.thumbnails_dir,
                 THUMBNAIL_SIZE,
                 h.sop_instance_uid in seen,
+                skip.pixel_kind(h.sop_instance_uid),
             )
             for item, h in todo
         ]
@@ -362,17 +364,35 @@ class ShardPlan(frozenset):
     from those very files (the set itself: skipped without decoding), and ``seen_uids``, the
     SOP Instance UIDs of the shard already stored as instances (a file with one may be a copy,
     in another encoding, of an instance predicted from another file: it is decoded, and the
-    writer compares their content, ``sql.shards``)."""
+    writer compares their content, ``sql.shards``). ``pixel_kinds``: for such a UID, the kind
+    of its stored pixel fingerprint when that is not today's (``px1``, from versions before
+    2026-11-29): the copy's is computed in that kind, so the two compare without the stored
+    file."""
 
     seen_uids: frozenset[str]
+    pixel_kinds: dict[str, str]
 
-    def __new__(cls, skip: Iterable[str] = (), seen_uids: Iterable[str] = ()) -> ShardPlan:
+    def __new__(
+        cls,
+        skip: Iterable[str] = (),
+        seen_uids: Iterable[str] = (),
+        pixel_kinds: dict[str, str] | None = None,
+    ) -> ShardPlan:
         plan = super().__new__(cls, skip)
         plan.seen_uids = frozenset(seen_uids)
+        plan.pixel_kinds = {
+            uid: kind
+            for uid, kind in (pixel_kinds or {}).items()
+            if kind in fingerprint.PIXEL_KINDS and kind != fingerprint.PIXELS
+        }
         return plan
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (ShardPlan, (tuple(self), tuple(self.seen_uids)))
+        return (ShardPlan, (tuple(self), tuple(self.seen_uids), self.pixel_kinds))
+
+    def pixel_kind(self, uid: str) -> str:
+        """The kind of pixel fingerprint to compute for a file with SOP Instance UID ``uid``."""
+        return self.pixel_kinds.get(uid, fingerprint.PIXELS)
 
 
 def plan_skips(
@@ -385,7 +405,8 @@ def plan_skips(
         return ShardPlan()
     with readers() as session:
         done = set() if force else predictions.predicted_files(session, model_id, files)
-        return ShardPlan(done, predictions.stored_uids(session, [uid for _, uid in files]))
+        stored = predictions.stored_uids(session, [uid for _, uid in files])
+        return ShardPlan(done, stored, stored)
 
 
 InTransaction = Callable[[Session, ShardRows, shards.ShardResult], None]

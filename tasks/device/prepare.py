@@ -145,7 +145,8 @@ def prepare_item(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             known, span = _prepare(data, args, options, out)
-            _set_fingerprints(out.record, known, data if args.get("both_fingerprints") else None)
+            other = data if args.get("both_fingerprints") else None
+            _set_fingerprints(out.record, known, other, args["pixel_kind"])
         out.record.content_sha256 = fingerprint.content_sha256(data, known, span)  # as decode_item
     except InputError as exc:
         reason = str(exc)
@@ -203,7 +204,7 @@ def _prepare(
     layout, photometric = px.check_image(ds, tsyntax, options.max_pixels)
     ds = px.with_photometric(ds, photometric)
     if layout.bits_allocated > 16:  # no dense lookup table: the CPU path does the whole image
-        return _done(original, spec, reduced, size, options, out)
+        return _done(original, spec, reduced, size, options, out, args["pixel_kind"])
     facts.update(
         rows=layout.rows,
         columns=layout.columns,
@@ -227,7 +228,7 @@ def _prepare(
     stored = decoded.array
     span = None
     if stored.shape == (layout.rows, layout.columns):
-        known = fingerprint.of_pixels(ds, layout, photometric, stored)
+        known = fingerprint.of_pixels(ds, layout, photometric, stored, args["pixel_kind"])
         span = fingerprint.native_span(ds, tsyntax)
     else:  # reduced resolution: the full-resolution values were never decoded
         known = fingerprint.of_codestream(ds, layout, photometric)
@@ -262,7 +263,8 @@ def _done(
     thumbnail_size: int | None,
     options: Options,
     out: Prepared,
-) -> str:
+    pixel_kind: str,
+) -> tuple[str, tuple[int, int] | None]:
     pre = px.preprocess(
         ds,
         spec,
@@ -270,6 +272,7 @@ def _done(
         thumbnail_size=thumbnail_size,
         max_pixels=options.max_pixels,
         reduce_margin=options.reduce_margin,
+        pixel_kind=pixel_kind,
     )
     facts = dict(pre.facts)
     if out.read_warnings:

@@ -109,9 +109,9 @@ class Preprocessed:
     image: np.ndarray  # float32 (channels, input_size, input_size), normalised
     thumbnail: np.ndarray | None  # uint8 (rows', cols') from the same windowed image
     facts: dict[str, Any] = field(default_factory=dict)  # JSON-able record of what was applied
-    fingerprint: str = ""  # content fingerprint, "px1:..." or "cs1:..." (tasks.dicom.fingerprint)
-    # where the native Pixel Data value that ``px1`` hashed lies in the bytes the data set was
-    # read from (``fingerprint.native_span``); None when the fingerprint is not of those bytes
+    fingerprint: str = ""  # content fingerprint, "px2:..." or "cs1:..." (tasks.dicom.fingerprint)
+    # where the native Pixel Data value the pixel fingerprint hashed lies in the bytes the data
+    # set was read from (``fingerprint.native_span``); None when the fingerprint is not of them
     pixel_span: tuple[int, int] | None = None
 
 
@@ -123,6 +123,7 @@ def preprocess(
     thumbnail_size: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     reduce_margin: float = REDUCED_MARGIN,
+    pixel_kind: str = fingerprint.PIXELS,
 ) -> Preprocessed:
     """Turn one DICOM image into the tensor ``spec`` describes.
 
@@ -130,8 +131,10 @@ def preprocess(
     ``reduced`` allows JPEG 2000 / baseline JPEG to be decoded at a reduced resolution that
     keeps at least ``reduce_margin`` x ``input_size`` pixels (and the thumbnail's size).
     ``thumbnail_size`` (long side, px) also returns an 8-bit thumbnail. ``max_pixels`` caps
-    Rows x Columns x frames x samples, checked before decoding. Raises :class:`InputError`
-    (the reason names tag, value and rule) for any file that cannot be used.
+    Rows x Columns x frames x samples, checked before decoding. ``pixel_kind``: the kind of
+    pixel fingerprint to compute when the full image is decoded (``fingerprint.PIXEL_KINDS``).
+    Raises :class:`InputError` (the reason names tag, value and rule) for any file that cannot
+    be used.
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -147,7 +150,9 @@ def preprocess(
     ][:10]
     try:
         reduce_to = reduce_margin if reduced else None
-        return _preprocess(ds, spec, reduce_to, thumbnail_size, max_pixels, read_warnings)
+        return _preprocess(
+            ds, spec, reduce_to, thumbnail_size, max_pixels, read_warnings, pixel_kind
+        )
     except InputError as exc:
         if read_warnings:  # e.g. "End of file reached before delimiter": the likely cause
             raise InputError(f"{exc} (while reading: {'; '.join(read_warnings)[:300]})") from exc
@@ -161,6 +166,7 @@ def _preprocess(
     thumbnail_size: int | None,
     max_pixels: int,
     read_warnings: list[str],
+    pixel_kind: str = fingerprint.PIXELS,
 ) -> Preprocessed:
     facts: dict[str, Any] = {"spec_sha256": spec.sha256}
     if read_warnings:
@@ -189,7 +195,7 @@ def _preprocess(
     stored = decoded.array
     span = None
     if stored.shape == (layout.rows, layout.columns):
-        content = fingerprint.of_pixels(ds, layout, photometric, stored)
+        content = fingerprint.of_pixels(ds, layout, photometric, stored, pixel_kind)
         span = fingerprint.native_span(ds, tsyntax)
     else:  # reduced resolution: the full-resolution values were never decoded
         content = fingerprint.of_codestream(ds, layout, photometric)

@@ -158,3 +158,39 @@ def test_a_reduced_first_copy_cannot_be_compared_with_a_later_native_one(
     _, tally = screen(engine, checkpoint, [copies["original"]])
     assert counts(tally) == {"predicted": 0, "skipped": 1, "failed": 0}
     assert outcomes(engine)["original.dcm"][0] == "skipped"
+
+
+def test_instances_stored_by_earlier_versions_are_still_compared(engine, checkpoint, copies):
+    """A database written before 2026-11-29: the instance holds a ``px1`` (SHA-256) pixel
+    fingerprint and the file's plain SHA-256. Its copies screened now (``px2`` by default) are
+    still duplicates: the planner asks the pixel path for a ``px1`` for a UID stored with one,
+    so nothing needs the stored file; a lossy copy is still a conflict."""
+    import hashlib
+
+    from model.spec import PreprocessSpec
+    from tasks.dicom import pixels
+
+    run1, _ = screen(engine, checkpoint, [copies["original"]])
+    legacy = pixels.preprocess(copies["original"], PreprocessSpec(), pixel_kind="px1").fingerprint
+    assert legacy.startswith("px1:")
+    file_sha = hashlib.sha256(copies["original"].read_bytes()).hexdigest()
+    with engine.begin() as conn:
+        for table in ("instances", "file_outcomes"):
+            stored = conn.execute(
+                sa.text(f"UPDATE {table} SET pixel_fingerprint = :fp, content_sha256 = :sha"),
+                {"fp": legacy, "sha": file_sha},
+            )
+            assert stored.rowcount == 1
+    paths = [copies["implicit"], copies["j2k"], copies["lossy"]]
+    _, tally = screen(engine, checkpoint, paths)
+    assert counts(tally) == {"predicted": 0, "skipped": 2, "failed": 1}, tally.reasons
+    seen = outcomes(engine)
+    for name in ("implicit.dcm", "j2k.dcm"):
+        outcome, reason = seen[name]
+        assert outcome == "skipped" and f"in run {run1} from {copies['original']}, " in reason
+        assert "(pixel fingerprint)" in reason
+    outcome, reason = seen["lossy.dcm"]
+    assert outcome == "failed" and "has different content (pixel fingerprint" in reason
+    with engine.connect() as conn:
+        kept = conn.execute(sa.text("SELECT pixel_fingerprint FROM instances")).scalar_one()
+    assert kept == legacy  # the stored instance is left as it was

@@ -1,6 +1,6 @@
 """The file's content hash (``fingerprint.content_sha256``, the instances' ``content_sha256``):
-native pixel data enters as its ``px1`` (no second pass over the pixels), every other byte as
-it is; encapsulated, deflated and reduced-resolution files are hashed byte for byte."""
+native pixel data enters as its pixel fingerprint (no second pass over the pixels), every other
+byte as it is; encapsulated, deflated and reduced-resolution files are hashed byte for byte."""
 
 from __future__ import annotations
 
@@ -76,10 +76,10 @@ def test_the_span_is_the_native_pixel_data_value(files, name):
     syntax = ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian)
     start, end = fp.native_span(ds, syntax)
     assert data[start:end] == ds.PixelData
-    digest, px1 = _decode(files[name])
-    assert px1.startswith("px1:")
-    assert digest == fp.content_sha256(data, px1, (start, end))
-    assert digest != hashlib.sha256(data).hexdigest()  # the pixels entered as their px1
+    digest, pixels = _decode(files[name])
+    assert pixels.startswith("px2:")
+    assert digest == fp.content_sha256(data, pixels, (start, end))
+    assert digest != hashlib.sha256(data).hexdigest()  # the pixels entered as their fingerprint
 
 
 @pytest.mark.parametrize("name", ["deflated", "rle", "j2k"])
@@ -93,7 +93,7 @@ def test_other_files_are_hashed_byte_for_byte(files, name):
 
 def test_a_copy_has_the_same_hash_and_any_change_another(files):
     data = files["original"].read_bytes()
-    digest, px1 = _decode(files["original"])
+    digest, pixels = _decode(files["original"])
     assert _decode(files["original"], data)[0] == digest  # the same bytes elsewhere
     ds = pydicom.dcmread(files["original"])
     start, _ = fp.native_span(ds, pydicom.uid.ExplicitVRLittleEndian)
@@ -108,7 +108,7 @@ def test_a_copy_has_the_same_hash_and_any_change_another(files):
     after_header = _decode(files["original"], changed(header_at))
     after_pixel = _decode(files["original"], changed(pixel_at))
     assert after_header[0] != digest
-    assert after_pixel[0] != digest and after_pixel[1] != px1
+    assert after_pixel[0] != digest and after_pixel[1] != pixels
     trailer = files["trailer"].read_bytes()
     edited = trailer[:-1] + bytes([trailer[-1] ^ 0x01])  # the bytes after Pixel Data count too
     assert _decode(files["trailer"], edited)[0] != _decode(files["trailer"])[0]
@@ -126,6 +126,6 @@ def test_unused_high_bits_are_not_content(files):
 
 def test_a_span_outside_the_data_is_refused():
     with pytest.raises(ValueError, match="outside"):
-        fp.content_sha256(b"1234", "px1:" + "0" * 64, (2, 9))
+        fp.content_sha256(b"1234", "px2:" + "0" * 32, (2, 9))
     plain = hashlib.sha256(b"1234").hexdigest()
     assert fp.content_sha256(b"1234", "cs1:" + "0" * 64, (0, 2)) == plain  # not a pixel one

@@ -72,7 +72,7 @@ def test_copies_are_the_same_instance_in_other_bytes(copies):
 
 def test_lossless_copies_share_the_pixel_fingerprint(copies):
     original = px.preprocess(copies["original"], SPEC)
-    assert original.fingerprint.startswith("px1:") and len(original.fingerprint) == 68
+    assert original.fingerprint.startswith("px2:") and len(original.fingerprint) == 36
     for name in LOSSLESS:
         res = px.preprocess(copies[name], SPEC)
         assert res.fingerprint == original.fingerprint, (name, res.facts["decoder"])
@@ -83,7 +83,7 @@ def test_lossy_copies_do_not(copies):
     original = px.preprocess(copies["original"], SPEC).fingerprint
     for name in LOSSY:
         res = px.preprocess(copies[name], SPEC)
-        assert fp.kind(res.fingerprint) == "px1"  # decoded at full resolution
+        assert fp.kind(res.fingerprint) == "px2"  # decoded at full resolution
         assert res.fingerprint != original, name
         assert identity.compare(original, res.fingerprint) == identity.Comparison(
             False, "different pixel values"
@@ -212,7 +212,8 @@ def test_real_lossless_pairs(a, b):
 
 def test_kind_refuses_anything_else():
     assert fp.kind("px1:" + "0" * 64) == "px1"
-    for bad in ("", "px1", "sha256:" + "0" * 64, "px1:abc", "cs2:" + "0" * 64):
+    assert fp.kind("px2:" + "0" * 32) == "px2"
+    for bad in ("", "px1", "sha256:" + "0" * 64, "px1:abc", "cs2:" + "0" * 64, "px2:" + "0" * 64):
         with pytest.raises(ValueError, match="not a content fingerprint"):
             fp.kind(bad)
     legacy = hashlib.sha256(b"the file's bytes").hexdigest()  # what earlier versions stored
@@ -221,3 +222,45 @@ def test_kind_refuses_anything_else():
     )
     with pytest.raises(ValueError):
         identity.compare("px1:" + "0" * 64, legacy)
+
+
+def test_sha256_pixel_fingerprints_of_earlier_versions_still_compare(copies):
+    """``px1`` (SHA-256, what versions before 2026-11-29 stored) and ``px2`` (XXH3-128) hash the
+    same input: the pixel path computes ``px1`` when asked, and ``compare`` converts."""
+    original, j2k = copies["original"], copies["j2k_lossless"]
+    stored_px1 = px.preprocess(original, SPEC, pixel_kind="px1").fingerprint
+    assert fp.kind(stored_px1) == "px1" and len(stored_px1) == 68
+    for name in LOSSLESS:  # every lossless copy gets the same px1 when asked for it
+        assert px.preprocess(copies[name], SPEC, pixel_kind="px1").fingerprint == stored_px1
+    assert identity.pixel_fingerprint(j2k, "px1") == stored_px1
+    new_px2 = px.preprocess(copies["implicit"], SPEC).fingerprint
+    assert fp.kind(new_px2) == "px2"
+    same = identity.compare(stored_px1, new_px2, new_source=copies["implicit"])
+    assert same == identity.Comparison(True, "the new file's px1 fingerprint")
+    assert identity.compare(stored_px1, new_px2, stored_source=original).same is True
+    lossy = copies["jpeg_ls_near_lossless"]
+    lossy_px2 = px.preprocess(lossy, SPEC).fingerprint
+    assert identity.compare(stored_px1, lossy_px2, new_source=lossy).same is False
+    unknown = identity.compare(stored_px1, new_px2)
+    assert unknown.same is None and "neither file" in unknown.how
+    reduced = px.preprocess(j2k, SPEC).fingerprint  # cs1 against a stored px1: a full decode
+    assert identity.compare(stored_px1, reduced, new_source=j2k).same is True
+    with pytest.raises(ValueError, match="not a pixel fingerprint kind"):
+        px.preprocess(original, SPEC, pixel_kind="cs1")
+
+
+def test_px2_is_xxh3_of_what_px1_hashes():
+    """``px2`` is XXH3-128 of the very input ``px1`` hashes with SHA-256 (the kind's name, the
+    meaning attributes, the stored values); its speed is measured by the benchmarks."""
+    import xxhash
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    layout, photometric = px.check_image(ds, ds.file_meta.TransferSyntaxUID, px.DEFAULT_MAX_PIXELS)
+    stored = ds.pixel_array
+    expected = xxhash.xxh3_128()
+    meaning = fp.json.dumps(
+        fp.meaning(ds, layout, photometric), sort_keys=True, separators=(",", ":")
+    )
+    expected.update(b"px2\n" + meaning.encode() + b"\n")
+    expected.update(np.ascontiguousarray(stored, dtype=layout.stored_dtype().newbyteorder("<")))
+    assert fp.of_pixels(ds, layout, photometric, stored) == f"px2:{expected.hexdigest()}"

@@ -315,4 +315,4 @@ def test_hostile_values_end_in_an_outcome_and_storable_strings(tmp_path_factory,
         return
     text = json.dumps(res.facts, allow_nan=False)
     assert "\\u0000" not in text and planted not in text
-    assert np.isfinite(res.image).all() and res.fingerprint.startswith(("px1:", "cs1:"))
+    assert np.isfinite(res.image).all() and res.fingerprint.startswith(("px2:", "cs1:"))
