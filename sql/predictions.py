@@ -12,7 +12,7 @@ the planner's lookup of what a model version has already predicted.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -202,15 +202,24 @@ def predicted_files(session: Session, model_id: int, files: Iterable[tuple[str, 
     return found
 
 
-def stored_uids(session: Session, sop_uids: Iterable[str]) -> dict[str, str]:
-    """The subset of ``sop_uids`` stored as instances (by any run or model version): a file
-    with such a UID may be a copy, worth both content fingerprints (``sql.shards``). Each with
-    the scheme of its stored pixel fingerprint (the text before its ``:``; '' when it has
-    none), so that the copy's can be computed in the same scheme."""
+class StoredIdentity(NamedTuple):
+    """What identifies a stored instance's content, for the planner: its content hash and the
+    scheme of its pixel fingerprint (the text before its ``:``; '' when it has none)."""
+
+    content_sha256: str
+    pixel_scheme: str
+
+
+def stored_uids(session: Session, sop_uids: Iterable[str]) -> dict[str, StoredIdentity]:
+    """The subset of ``sop_uids`` stored as instances (by any run or model version), each with
+    its :class:`StoredIdentity`: a file with such a UID may be a copy, and unless it has the
+    stored content hash it needs a fingerprint the stored one can be compared with
+    (``sql.shards.same_content``)."""
     table = Instance.__table__
-    found: dict[str, str] = {}
+    found: dict[str, StoredIdentity] = {}
+    columns = (table.c.sop_instance_uid, table.c.content_sha256, table.c.pixel_fingerprint)
     for where in member_of(session, table.c.sop_instance_uid, sop_uids):
-        query = sa.select(table.c.sop_instance_uid, table.c.pixel_fingerprint).where(where)
-        for uid, pixel in session.execute(query):
-            found[uid] = pixel.split(":", 1)[0] if pixel and ":" in pixel else ""
+        for uid, content, pixel in session.execute(sa.select(*columns).where(where)):
+            scheme = pixel.split(":", 1)[0] if pixel and ":" in pixel else ""
+            found[uid] = StoredIdentity(content, scheme)
     return found

@@ -171,6 +171,7 @@ def decode_item(
     thumbnail_size: int = THUMBNAIL_SIZE,
     both_fingerprints: bool = False,
     pixel_kind: str = fingerprint.PIXELS,
+    stored_content_sha256: str | None = None,
 ) -> Decoded:
     """Read, preprocess and hash one selected file; a failure is returned, never raised.
 
@@ -179,7 +180,10 @@ def decode_item(
     an encapsulated file it decoded fully), for a file whose SOP Instance UID was seen before
     (the planner asks): the stored copy can then be compared whichever kind it has.
     ``pixel_kind``: the kind of pixel fingerprint (``px2``; ``px1`` when the planner found the
-    UID stored with one, as versions before 2026-11-29 stored it).
+    UID stored with one, as versions before 2026-11-29 stored it). ``stored_content_sha256``:
+    the content hash stored for this UID; a file that has it is the stored content (the same
+    file screened again, by another model version say), and the other fingerprint is not
+    computed (for a JPEG 2000 file decoded at reduced resolution that would be a full decode).
     Module-level and picklable so that a spawn-context process pool can run it.
     """
     spec = PreprocessSpec.from_dict(spec_dict)
@@ -212,7 +216,8 @@ def decode_item(
         except OSError as exc:
             pre.facts["thumbnail_error"] = f"could not write the thumbnail: {exc.strerror or exc}"
     decoded = Decoded(src.uri, pre.image, digest, pre.facts, thumb)
-    _set_fingerprints(decoded, pre.fingerprint, data if both_fingerprints else None, pixel_kind)
+    other = both_fingerprints and digest != stored_content_sha256
+    _set_fingerprints(decoded, pre.fingerprint, data if other else None, pixel_kind)
     return decoded
 
 

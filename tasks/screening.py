@@ -25,6 +25,7 @@ from model.checkpoint import Checkpoint
 from model.predictor import Predictor
 from sql import predictions, runs, shards
 from sql.db import session_factory
+from sql.predictions import StoredIdentity
 from tasks import decode_pool
 from tasks.decode_pool import DecodeJob, DecodePool, default_workers
 from tasks.dicom import fingerprint
@@ -187,7 +188,8 @@ class ShardProcessor:
         run and their stored rows are left untouched. A file whose SOP Instance UID may have
         been seen before (stored, twice in this shard, or in the shards just before it, whose
         writes may not have committed yet) is decoded with both content fingerprints, so that
-        the writer can compare it with the other copy whatever kind that one has.
+        the writer can compare it with the other copy whatever kind that one has, unless it
+        has the stored copy's content hash (``ShardPlan``).
         """
         skip = skip if skip is not None else ShardPlan()
         rows = ShardRows()
@@ -203,21 +205,25 @@ class ShardProcessor:
             else:
                 todo.append((item, item.header))
         uids = [h.sop_instance_uid for _, h in todo]
-        seen = skip.seen_uids | {u for u, n in Counter(uids).items() if n > 1}
-        seen |= set().union(*self._recent_uids)
+        # UIDs whose other copy is not in the database yet: twice in this shard, or in the
+        # shards just before (no stored content hash to compare with: both fingerprints)
+        unsettled = {u for u, n in Counter(uids).items() if n > 1}
+        unsettled |= set().union(*self._recent_uids)
         self._recent_uids.append(frozenset(uids))
         args = [
             (
                 item.source,
-                h.sop_instance_uid,
+                uid,
                 self.spec_dict,
                 self.reduced,
                 self.thumbnails_dir,
                 THUMBNAIL_SIZE,
-                h.sop_instance_uid in seen,
-                skip.pixel_kind(h.sop_instance_uid),
+                uid in unsettled or uid in skip.stored,
+                skip.pixel_kind(uid),
+                None if uid in unsettled else skip.content_sha256(uid),
             )
             for item, h in todo
+            for uid in (h.sop_instance_uid,)
         ]
         return PendingShard(rows, todo, self.pool.start(args), time.perf_counter())
 
@@ -361,38 +367,40 @@ def close_run(
 
 class ShardPlan(frozenset):
     """The planner's answer for a shard: the source URIs this model version already predicted
-    from those very files (the set itself: skipped without decoding), and ``seen_uids``, the
-    SOP Instance UIDs of the shard already stored as instances (a file with one may be a copy,
-    in another encoding, of an instance predicted from another file: it is decoded, and the
-    writer compares their content, ``sql.shards``). ``pixel_kinds``: for such a UID, the kind
-    of its stored pixel fingerprint when that is not today's (``px1``, from versions before
-    2026-11-29): the copy's is computed in that kind, so the two compare without the stored
-    file."""
+    from those very files (the set itself: skipped without decoding), and ``stored``, the SOP
+    Instance UIDs of the shard already stored as instances with what identifies their content
+    (``sql.predictions.StoredIdentity``). A file with such a UID may be a copy, in another
+    encoding, of an instance predicted from another file: it is decoded, and the writer
+    compares their content (``sql.shards``). The worker is given the stored content hash: a
+    file that has it (the same file screened again, by another model version say) needs no
+    second fingerprint; any other gets one that the stored instance's can be compared with,
+    in the stored pixel kind (``px1`` for instances stored before 2026-11-29)."""
 
-    seen_uids: frozenset[str]
-    pixel_kinds: dict[str, str]
+    stored: dict[str, StoredIdentity]
 
     def __new__(
-        cls,
-        skip: Iterable[str] = (),
-        seen_uids: Iterable[str] = (),
-        pixel_kinds: dict[str, str] | None = None,
+        cls, skip: Iterable[str] = (), stored: dict[str, StoredIdentity] | None = None
     ) -> ShardPlan:
         plan = super().__new__(cls, skip)
-        plan.seen_uids = frozenset(seen_uids)
-        plan.pixel_kinds = {
-            uid: kind
-            for uid, kind in (pixel_kinds or {}).items()
-            if kind in fingerprint.PIXEL_KINDS and kind != fingerprint.PIXELS
-        }
+        plan.stored = dict(stored or {})
         return plan
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (ShardPlan, (tuple(self), tuple(self.seen_uids), self.pixel_kinds))
+        return (ShardPlan, (tuple(self), self.stored))
+
+    @property
+    def seen_uids(self) -> frozenset[str]:
+        return frozenset(self.stored)
 
     def pixel_kind(self, uid: str) -> str:
-        """The kind of pixel fingerprint to compute for a file with SOP Instance UID ``uid``."""
-        return self.pixel_kinds.get(uid, fingerprint.PIXELS)
+        """The kind of pixel fingerprint to compute for a file with SOP Instance UID ``uid``:
+        the stored instance's when it has a pixel fingerprint of a known kind, else today's."""
+        scheme = self.stored[uid].pixel_scheme if uid in self.stored else ""
+        return scheme if scheme in fingerprint.PIXEL_KINDS else fingerprint.PIXELS
+
+    def content_sha256(self, uid: str) -> str | None:
+        """The content hash stored for ``uid`` (None when it is not stored)."""
+        return self.stored[uid].content_sha256 if uid in self.stored else None
 
 
 def plan_skips(
@@ -405,8 +413,7 @@ def plan_skips(
         return ShardPlan()
     with readers() as session:
         done = set() if force else predictions.predicted_files(session, model_id, files)
-        stored = predictions.stored_uids(session, [uid for _, uid in files])
-        return ShardPlan(done, stored, stored)
+        return ShardPlan(done, predictions.stored_uids(session, [uid for _, uid in files]))
 
 
 InTransaction = Callable[[Session, ShardRows, shards.ShardResult], None]

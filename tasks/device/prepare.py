@@ -145,9 +145,10 @@ def prepare_item(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             known, span = _prepare(data, args, options, out)
-            other = data if args.get("both_fingerprints") else None
-            _set_fingerprints(out.record, known, other, args["pixel_kind"])
-        out.record.content_sha256 = fingerprint.content_sha256(data, known, span)  # as decode_item
+            digest = fingerprint.content_sha256(data, known, span)  # as decode_item
+            out.record.content_sha256 = digest
+            other = args["both_fingerprints"] and digest != args["stored_content_sha256"]
+            _set_fingerprints(out.record, known, data if other else None, args["pixel_kind"])
     except InputError as exc:
         reason = str(exc)
         if out.read_warnings:  # as tasks.dicom.pixels.preprocess words it

@@ -194,3 +194,33 @@ def test_instances_stored_by_earlier_versions_are_still_compared(engine, checkpo
     with engine.connect() as conn:
         kept = conn.execute(sa.text("SELECT pixel_fingerprint FROM instances")).scalar_one()
     assert kept == legacy  # the stored instance is left as it was
+
+
+def test_reprocessing_with_another_model_needs_no_second_fingerprint(
+    engine, checkpoint, copies, tmp_path, monkeypatch
+):
+    """The archive screened again by a new model version: every UID is stored, but each file
+    has the stored content hash, so no second fingerprint is computed (for a JPEG 2000 file
+    decoded at reduced resolution that would be a full decode per file). A copy from another
+    source still gets one."""
+    from tasks.dicom import identity
+
+    screen(engine, checkpoint, [copies["j2k"]])  # reduced resolution: stored with its cs1
+    path = tmp_path / "second.pt"
+    untrained_checkpoint(version="identity-2", head_std=0.2, calibrate=True).save(path)
+    second = load_checkpoint(path)
+    calls: list[str] = []
+    for name in ("pixel_fingerprint", "codestream_fingerprint"):
+        real = getattr(identity, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(identity, name, counted)
+    _, tally = screen(engine, second, [copies["j2k"]])
+    assert counts(tally) == {"predicted": 1, "skipped": 0, "failed": 0}
+    assert calls == []  # the same file: its content hash settles it
+    _, tally = screen(engine, second, [copies["implicit"]])  # another file, the same UID
+    assert calls == ["codestream_fingerprint"]  # native: it has none, and the two cannot be
+    assert counts(tally) == {"predicted": 0, "skipped": 0, "failed": 1}  # compared (see above)
