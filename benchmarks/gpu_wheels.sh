@@ -9,7 +9,7 @@
 # folders that each travel in one call (64 MiB per call with the working tree):
 #
 #   .whl-gpu  nvImageCodec, nvJPEG2000, nvJPEG                       (~39 MiB)
-#   .whl-py   pydicom + codecs, Prefect (client and server), SQLAlchemy, pydantic, ...  (~45 MiB)
+#   .whl-py   pydicom + codecs, Prefect (client and server), SQLAlchemy, pydantic, xxhash, ... (~45 MiB)
 #
 # Run here, from the repository root (it asks the package index for these exact files only):
 #
@@ -47,7 +47,7 @@ pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle python-dotenv python-multipar
 python-slugify pytz redis referencing rfc3339-validator rpds-py sniffio sqlalchemy starlette
 text-unidecode toml typing-inspection tzdata uncalled-for uvicorn websockets whenever pycparser
 python-json-logger griffe jsonpatch semver readchar docker dateparser cyclopts ruamel-yaml
-docstring-parser rich-rst tzlocal
+docstring-parser rich-rst tzlocal xxhash
 anyio httpx httpcore h11 idna certifi click typer rich shellingham annotated-doc markdown-it-py
 mdurl pygments pyyaml jinja2 markupsafe typing-extensions cloudpickle fsspec humanize packaging
 pathspec prometheus-client python-dateutil six urllib3 charset-normalizer requests attrs colorama"
