@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from sql.rows import check_probability
+from sql.rows import check_probability, fingerprint_scheme
 from sql.runs import require_models_and_runs
 from sql.schema import (
     AGGREGATIONS,
@@ -220,6 +220,5 @@ def stored_uids(session: Session, sop_uids: Iterable[str]) -> dict[str, StoredId
     columns = (table.c.sop_instance_uid, table.c.content_sha256, table.c.pixel_fingerprint)
     for where in member_of(session, table.c.sop_instance_uid, sop_uids):
         for uid, content, pixel in session.execute(sa.select(*columns).where(where)):
-            scheme = pixel.split(":", 1)[0] if pixel and ":" in pixel else ""
-            found[uid] = StoredIdentity(content, scheme)
+            found[uid] = StoredIdentity(content, fingerprint_scheme(pixel or ""))
     return found

@@ -394,6 +394,11 @@ def _ident(value: Any) -> str:
 # --- single values --------------------------------------------------------------------------
 
 
+def fingerprint_scheme(fingerprint: str) -> str:
+    """A content fingerprint's scheme: the text before its first ``:`` ('' when it has none)."""
+    return fingerprint.split(":", 1)[0] if ":" in fingerprint else ""
+
+
 def check_sha256(what: str, value: Any) -> str:
     """``value`` when it is 64 lowercase hex digits, else a ValueError naming ``what``."""
     if not isinstance(value, str) or not _SHA256.fullmatch(value):

@@ -288,13 +288,9 @@ def same_content(stored: dict[str, Any], new: dict[str, Any]) -> tuple[bool | No
 
 def _comparable(a: str | None, b: str | None) -> bool | None:
     """Equal, different, or None when either is missing or their schemes differ."""
-    if not a or not b or _scheme(a) != _scheme(b):
+    if not a or not b or row_checks.fingerprint_scheme(a) != row_checks.fingerprint_scheme(b):
         return None
     return a == b
-
-
-def _scheme(fingerprint: str) -> str:
-    return fingerprint.split(":", 1)[0] if ":" in fingerprint else ""
 
 
 def _why_not_compared(stored: dict[str, Any], new: dict[str, Any]) -> str:

@@ -132,8 +132,8 @@ class Decoded:
     """The result of decoding one selected file (in a worker process).
 
     ``content_sha256`` hashes the file's content (``fingerprint.content_sha256``: its bytes, with
-    native pixel data entering as its ``px1``); the content fingerprints identify the image
-    whatever its encoding (``tasks.dicom.fingerprint``): ``pixel_fingerprint`` (``px1``) when
+    native pixel data entering as its pixel fingerprint); the content fingerprints identify the
+    image whatever its encoding (``tasks.dicom.fingerprint``): ``pixel_fingerprint`` (``px2``) when
     the full-resolution values were decoded, ``codestream_fingerprint`` (``cs1``) when the pixel
     path decoded at reduced resolution, and both when ``decode_item`` was asked for them.
     """
@@ -198,7 +198,6 @@ def decode_item(
                 thumbnail_size=thumbnail_size if thumbnails_dir else None,
                 pixel_kind=pixel_kind,
             )
-        digest = fingerprint.content_sha256(data, pre.fingerprint, pre.pixel_span)
     except InputError as exc:
         return Decoded(src.uri, error=str(exc))
     except MemoryError:
@@ -215,15 +214,39 @@ def decode_item(
             thumb = str(path)
         except OSError as exc:
             pre.facts["thumbnail_error"] = f"could not write the thumbnail: {exc.strerror or exc}"
-    decoded = Decoded(src.uri, pre.image, digest, pre.facts, thumb)
-    other = both_fingerprints and digest != stored_content_sha256
-    _set_fingerprints(decoded, pre.fingerprint, data if other else None, pixel_kind)
+    decoded = Decoded(src.uri, pre.image, None, pre.facts, thumb)
+    identify(
+        decoded,
+        data,
+        pre.fingerprint,
+        pre.pixel_span,
+        both_fingerprints=both_fingerprints,
+        pixel_kind=pixel_kind,
+        stored_content_sha256=stored_content_sha256,
+    )
     return decoded
 
 
-def _set_fingerprints(
-    decoded: Decoded, known: str, data: bytes | None, pixel_kind: str = fingerprint.PIXELS
+def identify(
+    decoded: Decoded,
+    data: bytes,
+    known: str,
+    span: tuple[int, int] | None,
+    *,
+    both_fingerprints: bool,
+    pixel_kind: str,
+    stored_content_sha256: str | None,
 ) -> None:
+    """Fill in a decoded file's content hash and fingerprints (``decode_item`` and the device
+    path's workers alike): ``known`` is the fingerprint the pixel path computed and ``span``
+    where the native pixel data it hashed lies in ``data`` (``fingerprint.content_sha256``);
+    the other kind as :func:`decode_item` describes."""
+    decoded.content_sha256 = fingerprint.content_sha256(data, known, span)
+    other = both_fingerprints and decoded.content_sha256 != stored_content_sha256
+    _set_fingerprints(decoded, known, data if other else None, pixel_kind)
+
+
+def _set_fingerprints(decoded: Decoded, known: str, data: bytes | None, pixel_kind: str) -> None:
     """The pixel path's fingerprint in its field; with ``data``, the other kind too (a failure
     to compute it is a fact, not a failure of the file: the first kind is still known)."""
     if fingerprint.is_pixel(known):

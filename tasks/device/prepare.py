@@ -49,7 +49,7 @@ from tasks.dicom.outcomes import InputError
 from tasks.dicom.thumbnails import thumbnail_shape
 from tasks.dicom.values import safe_text
 from tasks.ingest import Decoded as Record
-from tasks.ingest import _set_fingerprints, decode_item, thumbnail_path_for
+from tasks.ingest import decode_item, identify, thumbnail_path_for
 
 TABLE_KEYWORDS = (
     "PhotometricInterpretation",
@@ -145,10 +145,15 @@ def prepare_item(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             known, span = _prepare(data, args, options, out)
-            digest = fingerprint.content_sha256(data, known, span)  # as decode_item
-            out.record.content_sha256 = digest
-            other = args["both_fingerprints"] and digest != args["stored_content_sha256"]
-            _set_fingerprints(out.record, known, data if other else None, args["pixel_kind"])
+            identify(
+                out.record,
+                data,
+                known,
+                span,
+                both_fingerprints=args["both_fingerprints"],
+                pixel_kind=args["pixel_kind"],
+                stored_content_sha256=args["stored_content_sha256"],
+            )
     except InputError as exc:
         reason = str(exc)
         if out.read_warnings:  # as tasks.dicom.pixels.preprocess words it
