@@ -202,6 +202,31 @@ def predicted_files(session: Session, model_id: int, files: Iterable[tuple[str, 
     return found
 
 
+class RecordedAt(NamedTuple):
+    """What the database holds for source URIs whose files have not been read yet."""
+
+    predicted: dict[str, str]  # URI -> the SOP Instance UID this model version predicted there
+    uids: dict[str, tuple[str, ...]]  # URI -> the UIDs any model version recorded there
+
+
+def recorded_at(session: Session, model_id: int, uris: Iterable[str]) -> RecordedAt:
+    """For files not read yet (the decode worker scans them): per source URI, the UID that
+    this model version predicted from it (a file there that still has that UID is skipped, as
+    :func:`predicted_files` decides for a scanned file), and the UIDs recorded there by any
+    model version (the planner gives the worker their stored identity, ``stored_uids``)."""
+    table = FileOutcome.__table__
+    predicted: dict[str, str] = {}
+    found: dict[str, set[str]] = {}
+    columns = (table.c.source_uri, table.c.model_id, table.c.sop_instance_uid, table.c.outcome)
+    for where in member_of(session, table.c.source_uri, uris):
+        query = sa.select(*columns).where(where, table.c.sop_instance_uid.is_not(None))
+        for uri, model, uid, outcome in session.execute(query):
+            found.setdefault(uri, set()).add(uid)
+            if model == model_id and outcome == "predicted":
+                predicted[uri] = uid
+    return RecordedAt(predicted, {uri: tuple(sorted(u)) for uri, u in found.items()})
+
+
 class StoredIdentity(NamedTuple):
     """What identifies a stored instance's content, for the planner: its content hash and the
     scheme of its pixel fingerprint (the text before its ``:``; '' when it has none)."""

@@ -12,7 +12,7 @@ import itertools
 import os
 import stat
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import numpy as np
 from model.spec import PreprocessSpec
 from tasks.dicom import fingerprint, identity
 from tasks.dicom.discovery import DEFAULT_LIMITS, ArchiveLimits, SourceFile, discover
-from tasks.dicom.headers import InstanceHeader, read_header
+from tasks.dicom.headers import InstanceHeader, header_of_bytes, read_header
 from tasks.dicom.outcomes import InputError, Outcome, SkipReason
 from tasks.dicom.pixels import preprocess
 from tasks.dicom.selection import DEFAULT_POLICY, SelectionPolicy, select
@@ -37,12 +37,14 @@ class ScanItem:
     """One discovered file after the header scan and selection.
 
     ``outcome`` is None while the file is selected and awaits decoding and prediction.
+    ``deferred``: not scanned yet; the decode worker scans it (``scan(..., in_workers=True)``).
     """
 
     source: SourceFile
     header: InstanceHeader | None = None
     outcome: Outcome | None = None
     reason: str | None = None
+    deferred: ScanRequest | None = None
 
     @property
     def uri(self) -> str:
@@ -50,6 +52,7 @@ class ScanItem:
 
     @property
     def selected(self) -> bool:
+        """Selected (or not scanned yet: ``deferred``)."""
         return self.outcome is None
 
 
@@ -57,11 +60,29 @@ def scan_file(src: SourceFile, policy: SelectionPolicy, hmac_key: bytes) -> Scan
     """Header scan and selection for one file; never raises for a bad file."""
     if src.error is not None:
         return ScanItem(src, None, Outcome.FAILED, src.error)
+    return _scanned(src, lambda: read_header(src, hmac_key), policy)
+
+
+def scan_item(
+    src: SourceFile, policy: SelectionPolicy, hmac_key: bytes, request: ScanRequest | None
+) -> ScanItem:
+    """``scan_file``, or with a ``request``, the file left to the worker that reads it (a
+    listing error is recorded at once)."""
+    if request is not None and src.error is None:
+        return ScanItem(src, deferred=request)
+    return scan_file(src, policy, hmac_key)
+
+
+def _scanned(
+    src: SourceFile, read: Callable[[], InstanceHeader], policy: SelectionPolicy
+) -> ScanItem:
+    """The scan's outcome for ``src`` given how to read its header (from the file, or from
+    the bytes a worker read: ``scan_bytes``)."""
     try:
         with warnings.catch_warnings():
             # pydicom's value-validation warnings: the reason a file fails is recorded with it
             warnings.simplefilter("ignore")
-            header = read_header(src, hmac_key)
+            header = read()
     except SkipReason as exc:
         return ScanItem(src, None, Outcome.SKIPPED, str(exc))
     except InputError as exc:
@@ -79,12 +100,41 @@ def scan_file(src: SourceFile, policy: SelectionPolicy, hmac_key: bytes) -> Scan
     return ScanItem(src, header)
 
 
+def scan_bytes(src: SourceFile, data: bytes, policy: SelectionPolicy, hmac_key: bytes) -> ScanItem:
+    """``scan_file`` for a file whose bytes were read already (once, by the decode worker)."""
+    return _scanned(src, lambda: header_of_bytes(src.uri, data, hmac_key), policy)
+
+
+@dataclass(frozen=True)
+class ScanRequest:
+    """The header scan and selection, left to the decode worker that reads the file (so that
+    each file is read once: ``scan(..., in_workers=True)``)."""
+
+    policy: SelectionPolicy
+    hmac_key: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class WorkerScan:
+    """A worker's scan of one file (``decode_item``'s ``scan``): the request, and what the
+    planner knows of the file's URI before anyone has read it: ``predicted_uid``, the SOP
+    Instance UID this model version already predicted from this very URI (a file that still
+    has it is not decoded again), and ``stored``, the stored identity of the instances
+    recorded at this URI by any model version, by UID (``sql.predictions.StoredIdentity``
+    values as tuples: content hash, pixel fingerprint scheme)."""
+
+    request: ScanRequest
+    predicted_uid: str | None = None
+    stored: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
 def scan(
     sources: Iterable[str | Path | Source],
     hmac_key: bytes,
     policy: SelectionPolicy = DEFAULT_POLICY,
     limits: ArchiveLimits = DEFAULT_LIMITS,
     newer_than: float | None = None,
+    in_workers: bool = False,
 ) -> Iterator[ScanItem]:
     """Stream every discovered file through the header scan and selection.
 
@@ -93,14 +143,18 @@ def scan(
     ``newer_than`` (a POSIX time) keeps only local files that arrived later: their change or
     modification time on disk (an archive's members share the archive's times); it does not
     apply to a ``Source``'s entries (a PACS source chooses its studies by date itself).
+    ``in_workers``: local files are not read here; each comes with a :class:`ScanRequest`
+    (``ScanItem.deferred``) and the decode worker that reads it scans it (each file is read and
+    parsed once, and this process only lists files). A ``Source``'s entries are scanned here.
     """
+    request = ScanRequest(policy, hmac_key) if in_workers else None
     listed = list(sources)
     paths = [s for s in listed if isinstance(s, str | os.PathLike)]
     others = [s for s in listed if not isinstance(s, str | os.PathLike)]
     for src in discover(paths, limits) if paths else ():
         if newer_than is not None and src.error is None and _arrived(src) <= newer_than:
             continue
-        yield scan_file(src, policy, hmac_key)
+        yield scan_item(src, policy, hmac_key, request)
     for source in others:
         for entry in guarded(source):
             yield scan_file(entry, policy, hmac_key)  # type: ignore[arg-type]
@@ -146,6 +200,13 @@ class Decoded:
     error: str | None = None
     pixel_fingerprint: str | None = None
     codestream_fingerprint: str | None = None
+    # A worker's scan (``decode_item(scan=...)``): the header it read, the scan's outcome when
+    # the file was not decoded because of it (skipped or failed, with the reason), and
+    # ``already_done``: the file still has the UID this model version predicted from it
+    header: InstanceHeader | None = None
+    scan_outcome: Outcome | None = None
+    scan_reason: str | None = None
+    already_done: bool = False
 
     def fingerprints(self) -> dict[str, str]:
         """The fingerprints known, as ``sql.rows.INSTANCE_KEYS`` names them."""
@@ -164,7 +225,7 @@ def thumbnail_path_for(thumbnails_dir: str | Path, sop_instance_uid: str) -> Pat
 
 def decode_item(
     src: SourceFile,
-    sop_instance_uid: str,
+    sop_instance_uid: str | None,
     spec_dict: dict[str, Any],
     reduced: bool = True,
     thumbnails_dir: str | None = None,
@@ -172,6 +233,7 @@ def decode_item(
     both_fingerprints: bool = False,
     pixel_kind: str = fingerprint.PIXELS,
     stored_content_sha256: str | None = None,
+    scan: WorkerScan | None = None,
 ) -> Decoded:
     """Read, preprocess and hash one selected file; a failure is returned, never raised.
 
@@ -184,11 +246,28 @@ def decode_item(
     the content hash stored for this UID; a file that has it is the stored content (the same
     file screened again, by another model version say), and the other fingerprint is not
     computed (for a JPEG 2000 file decoded at reduced resolution that would be a full decode).
+    ``scan``: the file was not scanned yet (``sop_instance_uid`` is None): read it, scan it
+    from the bytes read (``scan_bytes``), and decode it only when it is selected and not
+    already predicted from this URI (``WorkerScan``); the fingerprint arguments then come from
+    what the planner knows of the UID read (another file's copy is checked after:
+    ``tasks.screening.ShardProcessor.collect``).
     Module-level and picklable so that a spawn-context process pool can run it.
     """
     spec = PreprocessSpec.from_dict(spec_dict)
     try:
         data = src.read_bytes()
+    except InputError as exc:
+        return Decoded(src.uri, error=str(exc))
+    except Exception as exc:  # a reader bug must not stop the batch
+        return Decoded(src.uri, error=f"unexpected error reading the file: {_exc(exc)}")
+    header = None
+    if scan is not None:
+        found = worker_scan(src, data, scan)
+        if isinstance(found, Decoded):
+            return found
+        header, (both_fingerprints, pixel_kind, stored_content_sha256) = found
+        sop_instance_uid = header.sop_instance_uid
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pre = preprocess(
@@ -199,22 +278,22 @@ def decode_item(
                 pixel_kind=pixel_kind,
             )
     except InputError as exc:
-        return Decoded(src.uri, error=str(exc))
+        return Decoded(src.uri, error=str(exc), header=header)
     except MemoryError:
-        return Decoded(src.uri, error="out of memory while decoding the image")
+        return Decoded(src.uri, error="out of memory while decoding the image", header=header)
     except Exception as exc:  # a decoder bug must not stop the batch
         return Decoded(
-            src.uri, error=f"unexpected error while decoding: {type(exc).__name__}: {exc}"
+            src.uri, error=f"unexpected error while decoding: {_exc(exc)}", header=header
         )
     thumb = None
-    if thumbnails_dir and pre.thumbnail is not None:
+    if thumbnails_dir and pre.thumbnail is not None and sop_instance_uid:
         path = thumbnail_path_for(thumbnails_dir, sop_instance_uid)
         try:
             write_thumbnail(pre.thumbnail, path, size=thumbnail_size)
             thumb = str(path)
         except OSError as exc:
             pre.facts["thumbnail_error"] = f"could not write the thumbnail: {exc.strerror or exc}"
-    decoded = Decoded(src.uri, pre.image, None, pre.facts, thumb)
+    decoded = Decoded(src.uri, pre.image, None, pre.facts, thumb, header=header)
     identify(
         decoded,
         data,
@@ -225,6 +304,33 @@ def decode_item(
         stored_content_sha256=stored_content_sha256,
     )
     return decoded
+
+
+def worker_scan(
+    src: SourceFile, data: bytes, scan: WorkerScan
+) -> Decoded | tuple[InstanceHeader, tuple[bool, str, str | None]]:
+    """A decode worker's scan of the file it read (``decode_item``'s ``scan``, and the device
+    path's workers): a result that ends the file here (skipped or failed by the scan, or
+    already predicted from this URI), or its header and the fingerprint arguments for its
+    UID (both fingerprints, pixel kind, stored content hash) from what the planner knows."""
+    item = scan_bytes(src, data, scan.request.policy, scan.request.hmac_key)
+    if item.outcome is not None:
+        return Decoded(
+            src.uri, header=item.header, scan_outcome=item.outcome, scan_reason=item.reason
+        )
+    header = item.header
+    assert header is not None  # a selected file has its header
+    if header.sop_instance_uid == scan.predicted_uid:
+        return Decoded(src.uri, header=header, already_done=True)
+    stored = scan.stored.get(header.sop_instance_uid)
+    if stored is None:
+        return header, (False, fingerprint.PIXELS, None)
+    kind = stored[1] if stored[1] in fingerprint.PIXEL_KINDS else fingerprint.PIXELS
+    return header, (True, kind, stored[0])
+
+
+def _exc(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def identify(

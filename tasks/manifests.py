@@ -45,7 +45,7 @@ from sql.db import session_factory
 from sql.shards import ShardResult
 from tasks.dicom.discovery import DEFAULT_LIMITS, ArchiveLimits, SourceFile, discover
 from tasks.dicom.selection import SelectionPolicy
-from tasks.ingest import scan_file
+from tasks.ingest import ScanRequest, scan_item
 from tasks.screening import RunContext, ShardProcessor, ShardRows
 from tasks.shard_loop import ShardLoop, ShardSteps, Steps, Tally
 
@@ -340,12 +340,12 @@ def screen_manifest(
     """Claim a manifest and screen its remaining files, one transaction per chunk.
 
     The chunks go through the shard loop (``tasks/shard_loop.py``) as a screening run's
-    shards do: header scan + selection, plan (skip what the model version already predicted
-    unless ``force``), decode in the processor's pool while the previous chunk is scored and
-    the one before it written, then in ONE transaction: write the chunk, re-aggregate its
-    studies, advance the manifest. A failure marks the claim failed (for the parent and the
-    operator) and raises. ``on_chunk(result)`` is called after each commit; ``wrap_steps``
-    turns the loop's plain steps into others (Prefect tasks, in a flow).
+    shards do: plan (skip what the model version already predicted unless ``force``), header
+    scan, selection and decoding in the processor's pool (each file read once) while the
+    previous chunk is scored and the one before it written, then in ONE transaction: write the
+    chunk, re-aggregate its studies, advance the manifest. A failure marks the claim failed
+    (for the parent and the operator) and raises. ``on_chunk(result)`` is called after each
+    commit; ``wrap_steps`` turns the loop's plain steps into others (Prefect tasks, in a flow).
     """
     sessions = session_factory(engine)
     with sessions() as session:
@@ -379,8 +379,10 @@ def screen_manifest(
             aggregation=p.get("aggregation", "max"),
             then=progress.record,
         )
+        # the workers scan the files they read (each file is read once), where they can
+        request = ScanRequest(policy, hmac_key) if processor.scans_in_workers else None
         chunks = (
-            [scan_file(from_record(r), policy, hmac_key) for r in chunk]
+            [scan_item(from_record(r), policy, hmac_key, request) for r in chunk]
             for chunk in batches(remaining, int(p.get("shard_size", 256)))
         )
         ShardLoop(wrap_steps(steps) if wrap_steps else steps, progress.stored).run(chunks)

@@ -26,12 +26,13 @@ from model.predictor import Predictor
 from sql import predictions, runs, shards
 from sql.db import session_factory
 from sql.predictions import StoredIdentity
+from sql.rows import fingerprint_scheme
 from tasks import decode_pool
 from tasks.decode_pool import DecodeJob, DecodePool, default_workers
 from tasks.dicom import fingerprint
 from tasks.dicom.headers import InstanceHeader
 from tasks.dicom.outcomes import Outcome
-from tasks.ingest import NO_HEADER_REASON, THUMBNAIL_SIZE, Decoded, ScanItem
+from tasks.ingest import NO_HEADER_REASON, THUMBNAIL_SIZE, Decoded, ScanItem, WorkerScan
 from tasks.interrupts import held, signal_name
 
 #: Shards whose UIDs ``ShardProcessor.submit`` remembers: the writes of the shards just before
@@ -123,9 +124,11 @@ class PendingShard:
     """A shard whose decoding is under way in the pool (see ``ShardProcessor.submit``)."""
 
     rows: ShardRows
-    todo: list[tuple[ScanItem, InstanceHeader]]  # the selected files being decoded
+    # the selected files being decoded (the header None: the worker scans the file)
+    todo: list[tuple[ScanItem, InstanceHeader | None]]
     job: DecodeJob
     submitted: float
+    args: list[tuple] = field(default_factory=list)  # decode_item's, one tuple per file of todo
 
 
 class ShardProcessor:
@@ -158,6 +161,13 @@ class ShardProcessor:
         self._threads_before: int | None = None
         # The UIDs of the shards submitted just before (their writes may be in flight).
         self._recent_uids: deque[frozenset[str]] = deque(maxlen=RECENT_SHARDS)
+        # The UIDs of the shards collected just before (files scanned by the workers are
+        # known only then)
+        self._collected_uids: deque[frozenset[str]] = deque(maxlen=RECENT_SHARDS)
+
+    #: Whether ``submit`` takes files not scanned yet (``ScanItem.deferred``): its workers
+    #: scan them, and each file is read once.
+    scans_in_workers = True
 
     def __enter__(self) -> ShardProcessor:
         self._pool = DecodePool(self.workers)
@@ -193,9 +203,11 @@ class ShardProcessor:
         """
         skip = skip if skip is not None else ShardPlan()
         rows = ShardRows()
-        todo: list[tuple[ScanItem, InstanceHeader]] = []
+        todo: list[tuple[ScanItem, InstanceHeader | None]] = []
         for item in items:
-            if item.outcome is not None:
+            if item.deferred is not None:
+                todo.append((item, None))
+            elif item.outcome is not None:
                 rows.add(item, item.outcome, item.reason)
             elif item.header is None:  # scan_file never leaves a selected file without one
                 rows.add(item, Outcome.FAILED, NO_HEADER_REASON)
@@ -204,47 +216,80 @@ class ShardProcessor:
                 rows.reasons[already_predicted_reason(self.checkpoint)] += 1
             else:
                 todo.append((item, item.header))
-        uids = [h.sop_instance_uid for _, h in todo]
+        uids = [h.sop_instance_uid for _, h in todo if h is not None]
         # UIDs whose other copy is not in the database yet: twice in this shard, or in the
         # shards just before (no stored content hash to compare with: both fingerprints)
         unsettled = {u for u, n in Counter(uids).items() if n > 1}
-        unsettled |= set().union(*self._recent_uids)
+        unsettled |= set().union(*self._recent_uids, *self._collected_uids)
         self._recent_uids.append(frozenset(uids))
-        args = [
-            (
-                item.source,
-                uid,
-                self.spec_dict,
-                self.reduced,
-                self.thumbnails_dir,
-                THUMBNAIL_SIZE,
-                uid in unsettled or uid in skip.stored,
-                skip.pixel_kind(uid),
-                None if uid in unsettled else skip.content_sha256(uid),
-            )
-            for item, h in todo
-            for uid in (h.sop_instance_uid,)
-        ]
-        return PendingShard(rows, todo, self.pool.start(args), time.perf_counter())
+        args = [self._arguments(item, h, skip, unsettled) for item, h in todo]
+        return PendingShard(rows, todo, self.pool.start(args), time.perf_counter(), args)
 
-    def collect(self, pending: PendingShard) -> ShardRows:
-        """Wait for a shard's decoding, score its images in batches, build its rows."""
+    def _arguments(
+        self, item: ScanItem, h: InstanceHeader | None, skip: ShardPlan, unsettled: set[str]
+    ) -> tuple:
+        """``decode_item``'s arguments for one file (see ``submit``)."""
+        common = (self.spec_dict, self.reduced, self.thumbnails_dir, THUMBNAIL_SIZE)
+        if h is None:
+            assert item.deferred is not None
+            scan = WorkerScan(
+                item.deferred,
+                skip.predicted_at.get(item.uri),
+                {
+                    u: tuple(skip.stored[u])
+                    for u in skip.known_at.get(item.uri, ())
+                    if u in skip.stored
+                },
+            )
+            return (item.source, None, *common, False, fingerprint.PIXELS, None, scan)
+        uid = h.sop_instance_uid
+        return (
+            item.source,
+            uid,
+            *common,
+            uid in unsettled or uid in skip.stored,
+            skip.pixel_kind(uid),
+            None if uid in unsettled else skip.content_sha256(uid),
+        )
+
+    def collect(self, pending: PendingShard, lookup: StoredLookup | None = None) -> ShardRows:
+        """Wait for a shard's decoding, score its images in batches, build its rows.
+
+        ``lookup`` (``sop_uids -> {uid: StoredIdentity}``, the database now): files whose
+        identity was not known when they were sent to the workers (scanned by a worker, or
+        sharing a UID with a file of the shard just before, scanned by its worker) are checked
+        against it, and those that turn out to be another file's copy get the fingerprint
+        that file's can be compared with (``_settle_copies``).
+        """
         rows = pending.rows
-        ready: list[tuple[ScanItem, InstanceHeader, Decoded]] = []
+        ready: list[tuple[ScanItem, InstanceHeader, Decoded, tuple]] = []
         decoded = self.pool.results(pending.job)
-        for (item, h), dec in zip(pending.todo, decoded, strict=True):
-            if dec.error is not None or dec.image is None:
+        for (item, h), dec, args in zip(pending.todo, decoded, pending.args, strict=True):
+            if item.deferred is not None:
+                item = ScanItem(item.source, dec.header, dec.scan_outcome, dec.scan_reason)
+                if dec.scan_outcome is not None:
+                    rows.add(item, dec.scan_outcome, dec.scan_reason)
+                    continue
+                if dec.already_done:
+                    rows.already_done += 1
+                    rows.reasons[already_predicted_reason(self.checkpoint)] += 1
+                    continue
+                h = dec.header
+            if dec.error is not None or dec.image is None or h is None:
                 rows.add(item, Outcome.FAILED, dec.error or "decoding returned no image")
             else:
-                ready.append((item, h, dec))
+                ready.append((item, h, dec, args))
+        if lookup is not None:
+            self._settle_copies(ready, lookup)
+        self._collected_uids.append(frozenset(h.sop_instance_uid for _, h, _, _ in ready))
         rows.decode_seconds = time.perf_counter() - pending.submitted
         if not ready:
             return rows
         started = time.perf_counter()
-        scores = self.predictor.predict(np.stack([dec.image for _, _, dec in ready]))
+        scores = self.predictor.predict(np.stack([dec.image for _, _, dec, _ in ready]))
         rows.infer_seconds = time.perf_counter() - started
         threshold = float(self.checkpoint.threshold)
-        for (item, h, dec), score in zip(ready, scores, strict=True):
+        for (item, h, dec, _), score in zip(ready, scores, strict=True):
             instance = header_instance(item.uri, h, dec.content_sha256 or "")
             rows.instances.append(instance | dec.fingerprints())
             rows.add(
@@ -268,9 +313,101 @@ class ShardProcessor:
             )
         return rows
 
+    def _settle_copies(
+        self, ready: list[tuple[ScanItem, InstanceHeader, Decoded, tuple]], lookup: StoredLookup
+    ) -> None:
+        """Give each decoded file the fingerprints it would have had if its UID's history had
+        been known when it was sent to the workers (``submit``'s rule, with the database now
+        and the shards collected just before): a file that turns out to share its UID with a
+        stored instance or a file in flight, and lacks the fingerprint they can be compared
+        with (or has a pixel fingerprint of another kind), is fingerprinted again in the pool
+        (a copy: rare; the file is read a second time). Its model input stays as decoded."""
+        uids = Counter(h.sop_instance_uid for _, h, _, _ in ready)
+        unsettled = {u for u, n in uids.items() if n > 1}
+        unsettled |= set().union(*self._collected_uids)
+        stored = lookup(list(uids))
+        again: list[tuple[Decoded, tuple]] = []
+        for item, h, dec, args in ready:
+            uid = h.sop_instance_uid
+            want = _fingerprint_rule(uid, unsettled, stored)
+            if _lacks(dec, want, _used(args, uid)):
+                again.append(
+                    (
+                        dec,
+                        (
+                            item.source,
+                            uid,
+                            self.spec_dict,
+                            self.reduced,
+                            None,
+                            THUMBNAIL_SIZE,
+                            *want,
+                        ),
+                    )
+                )
+        if not again:
+            return
+        for (dec, _), redo in zip(again, self.pool.decode_all([a for _, a in again]), strict=True):
+            if redo.error is not None:
+                dec.facts["fingerprint_error"] = (
+                    f"the copy's second fingerprint failed: {redo.error}"
+                )
+                continue
+            dec.content_sha256 = redo.content_sha256
+            dec.pixel_fingerprint = redo.pixel_fingerprint
+            dec.codestream_fingerprint = redo.codestream_fingerprint
+            if "fingerprint_error" in redo.facts:
+                dec.facts["fingerprint_error"] = redo.facts["fingerprint_error"]
+
     def process(self, items: list[ScanItem], skip: ShardPlan | None = None) -> ShardRows:
         """Outcome rows for every file of the shard and predictions for the selected ones."""
         return self.collect(self.submit(items, skip))
+
+
+StoredLookup = Callable[[list[str]], dict[str, StoredIdentity]]
+"""``lookup(sop_uids)``: the stored identity of those of ``sop_uids`` stored as instances."""
+
+Rule = tuple[bool, str, str | None]
+"""``decode_item``'s fingerprint arguments: both fingerprints, pixel kind, stored content hash."""
+
+
+def _fingerprint_rule(uid: str, unsettled: set[str], stored: dict[str, StoredIdentity]) -> Rule:
+    """``submit``'s rule for one UID: both fingerprints when another copy may exist (in
+    flight, or stored with a content hash this file may not have), in the stored pixel kind."""
+    known = stored.get(uid)
+    kind = fingerprint.PIXELS
+    if known is not None and known.pixel_scheme in fingerprint.PIXEL_KINDS:
+        kind = known.pixel_scheme
+    if uid in unsettled:
+        return True, kind, None
+    if known is None:
+        return False, kind, None
+    return True, kind, known.content_sha256
+
+
+def _used(args: tuple, uid: str) -> Rule:
+    """The rule a worker applied to a file (``decode_item``'s arguments, or its ``scan``)."""
+    scan = args[9] if len(args) > 9 else None
+    if scan is None:
+        return bool(args[6]), args[7], args[8]
+    known = scan.stored.get(uid)
+    if known is None:
+        return False, fingerprint.PIXELS, None
+    kind = known[1] if known[1] in fingerprint.PIXEL_KINDS else fingerprint.PIXELS
+    return True, kind, known[0]
+
+
+def _lacks(dec: Decoded, want: Rule, used: Rule) -> bool:
+    """Whether the rule ``want`` would have given ``dec`` a fingerprint the rule ``used`` did
+    not: the other kind (computed when the content hash differs from the stored one), or a
+    pixel fingerprint of another kind."""
+    if want[0] and dec.pixel_fingerprint and fingerprint_scheme(dec.pixel_fingerprint) != want[1]:
+        return True
+
+    def other(rule: Rule) -> bool:
+        return rule[0] and dec.content_sha256 != rule[2]
+
+    return other(want) and not other(used)
 
 
 def limit_inference_threads(predictor: Predictor, workers: int) -> int | None:
@@ -374,19 +511,32 @@ class ShardPlan(frozenset):
     compares their content (``sql.shards``). The worker is given the stored content hash: a
     file that has it (the same file screened again, by another model version say) needs no
     second fingerprint; any other gets one that the stored instance's can be compared with,
-    in the stored pixel kind (``px1`` for instances stored before 2026-11-29)."""
+    in the stored pixel kind (``px1`` for instances stored before 2026-11-29).
+
+    For files not scanned yet (``ScanItem.deferred``), the planner answers by source URI:
+    ``predicted_at``, the UID this model version predicted from each URI (the worker that
+    reads the file skips it when it still has that UID), and ``known_at``, the UIDs any model
+    version recorded at each URI (their identities are in ``stored``)."""
 
     stored: dict[str, StoredIdentity]
+    predicted_at: dict[str, str]
+    known_at: dict[str, tuple[str, ...]]
 
     def __new__(
-        cls, skip: Iterable[str] = (), stored: dict[str, StoredIdentity] | None = None
+        cls,
+        skip: Iterable[str] = (),
+        stored: dict[str, StoredIdentity] | None = None,
+        predicted_at: dict[str, str] | None = None,
+        known_at: dict[str, tuple[str, ...]] | None = None,
     ) -> ShardPlan:
         plan = super().__new__(cls, skip)
         plan.stored = dict(stored or {})
+        plan.predicted_at = dict(predicted_at or {})
+        plan.known_at = dict(known_at or {})
         return plan
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (ShardPlan, (tuple(self), self.stored))
+        return (ShardPlan, (tuple(self), self.stored, self.predicted_at, self.known_at))
 
     @property
     def seen_uids(self) -> frozenset[str]:
@@ -407,13 +557,35 @@ def plan_skips(
     readers: sessionmaker[Session], model_id: int, items: list[ScanItem], force: bool
 ) -> ShardPlan:
     """Which selected files of ``items`` this model version already predicted from the same
-    file (none with ``force``), and which of their UIDs are stored (``ShardPlan``)."""
+    file (none with ``force``), and which of their UIDs are stored; for files not scanned yet,
+    the same by source URI (``ShardPlan``)."""
     files = [(it.uri, it.header.sop_instance_uid) for it in items if it.selected and it.header]
-    if not files:
+    deferred = [it.uri for it in items if it.deferred is not None]
+    if not files and not deferred:
         return ShardPlan()
     with readers() as session:
-        done = set() if force else predictions.predicted_files(session, model_id, files)
-        return ShardPlan(done, predictions.stored_uids(session, [uid for _, uid in files]))
+        done = (
+            set() if force or not files else predictions.predicted_files(session, model_id, files)
+        )
+        at = predictions.recorded_at(session, model_id, deferred) if deferred else None
+        known_at = at.uids if at else {}
+        uids = [uid for _, uid in files] + [u for found in known_at.values() for u in found]
+        return ShardPlan(
+            done,
+            predictions.stored_uids(session, uids),
+            {} if force or at is None else at.predicted,
+            known_at,
+        )
+
+
+def stored_lookup(readers: sessionmaker[Session]) -> StoredLookup:
+    """``ShardProcessor.collect``'s ``lookup`` on the run's database."""
+
+    def lookup(sop_uids: list[str]) -> dict[str, StoredIdentity]:
+        with readers() as session:
+            return predictions.stored_uids(session, sop_uids)
+
+    return lookup
 
 
 InTransaction = Callable[[Session, ShardRows, shards.ShardResult], None]

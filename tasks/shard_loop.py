@@ -31,6 +31,7 @@ from tasks.screening import (
     ShardRows,
     persist_shard,
     plan_skips,
+    stored_lookup,
 )
 
 T = TypeVar("T")
@@ -72,7 +73,7 @@ class ShardSteps:
         return self.processor.submit(items, skip)
 
     def score(self, pending: PendingShard) -> ShardRows:
-        return self.processor.collect(pending)
+        return self.processor.collect(pending, stored_lookup(self.run.readers))
 
     def write(self, rows: ShardRows) -> Counter:
         """Write the shard (one transaction); the counts to add to the run's."""

@@ -62,6 +62,15 @@ def buffer_bytes(header: InstanceHeader | None) -> int | None:
     return int(header.rows) * int(header.columns) * per_sample
 
 
+def slot_bytes(call: tuple, header: InstanceHeader | None) -> int | None:
+    """An arena slot's size for one file: from its header, or for a file its worker scans
+    (no header yet), its size on disk (an upper bound for native pixel data and for the
+    frames handed over compressed; a frame the worker decodes that is larger travels inline)."""
+    if header is not None or call[1] is not None:
+        return buffer_bytes(header)
+    return call[0].size
+
+
 @dataclass
 class DeviceJob:
     """A shard's files being prepared by the workers, and the arena their buffers go to."""
@@ -138,7 +147,7 @@ class DevicePool:
     def start(self, calls: list[tuple]) -> DeviceJob:
         """Start preparing the files of ``calls`` (``decode_item`` argument tuples)."""
         calls = list(calls)
-        sizes = [buffer_bytes(self.headers.get(call[0].uri)) for call in calls]
+        sizes = [slot_bytes(call, self.headers.get(call[0].uri)) for call in calls]
         arena, slots = self._arena_for(sizes)
         name = arena.name if arena is not None else None
         jobs = [
@@ -197,7 +206,7 @@ class DevicePool:
                 if isinstance(result, Prepared):
                     prepared[position] = result
                     outs[position] = _Out(result.record)
-                    if result.error is None:
+                    if not result.settled:
                         yield position, result
                 else:  # a record from the pool itself (a file that crashed its worker)
                     outs[position] = _Out(result)
@@ -304,7 +313,7 @@ class DevicePool:
             result.record.facts["device_decode_refused"] = why
             prepared[position] = result
             outs[position] = _Out(result.record)
-            if result.error is None:
+            if not result.settled:
                 retry.append((position, result))
         still = self._render_all(iter(retry), _Buffers(None), prepared, outs)
         for position, why in still:  # cannot happen: nothing went to the device decoder

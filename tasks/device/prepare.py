@@ -49,7 +49,7 @@ from tasks.dicom.outcomes import InputError
 from tasks.dicom.thumbnails import thumbnail_shape
 from tasks.dicom.values import safe_text
 from tasks.ingest import Decoded as Record
-from tasks.ingest import decode_item, identify, thumbnail_path_for
+from tasks.ingest import decode_item, identify, thumbnail_path_for, worker_scan
 
 TABLE_KEYWORDS = (
     "PhotometricInterpretation",
@@ -100,6 +100,13 @@ class Prepared:
         return self.record.error
 
     @property
+    def settled(self) -> bool:
+        """Nothing to render: failed, or ended by the worker's scan (skipped, failed, or
+        already predicted from this URI)."""
+        r = self.record
+        return r.error is not None or r.scan_outcome is not None or r.already_done
+
+    @property
     def facts(self) -> dict[str, Any]:
         return self.record.facts
 
@@ -142,6 +149,17 @@ def prepare_item(
     out = Prepared(Record(src.uri))
     try:
         data = src.read_bytes()
+        if args["scan"] is not None:  # not scanned yet: scan it from the bytes read
+            found = worker_scan(src, data, args["scan"])
+            if isinstance(found, Record):
+                return Prepared(found)  # skipped, failed or already predicted: ``settled``
+            out.record.header, (both, kind, stored) = found
+            args |= {
+                "sop_instance_uid": out.record.header.sop_instance_uid,
+                "both_fingerprints": both,
+                "pixel_kind": kind,
+                "stored_content_sha256": stored,
+            }
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             known, span = _prepare(data, args, options, out)
@@ -176,7 +194,10 @@ def prepare_many(jobs: list[tuple]) -> list[Prepared]:
 
 
 def _failed(out: Prepared, reason: str) -> Prepared:
-    return Prepared(Record(out.record.uri, content_sha256=out.record.content_sha256, error=reason))
+    record = out.record
+    return Prepared(
+        Record(record.uri, content_sha256=record.content_sha256, error=reason, header=record.header)
+    )
 
 
 def _read(data: bytes) -> tuple[Dataset, list[str]]:

@@ -126,8 +126,8 @@ class DeviceShardProcessor(ShardProcessor):
         return out
 
     def submit(self, items: list[ScanItem], *args: Any, **kwargs: Any) -> PendingShard:
-        """``ShardProcessor.submit``, after telling the pool the files' headers (for the sizes
-        of their arena slots)."""
+        """``ShardProcessor.submit``, after telling the pool the headers of the files scanned
+        already (for the sizes of their arena slots; ``tasks.device.pool.slot_bytes``)."""
         pool = self.pool
         if isinstance(pool, DevicePool):
             pool.headers = {it.uri: it.header for it in items if it.header is not None}

@@ -182,14 +182,26 @@ def read_header(src: InputFile, hmac_key: bytes) -> InstanceHeader:
     if src.error is not None:
         raise InputError(src.error)
     fp = src.open()  # InputError when it cannot be opened
+    with fp:
+        return _read(src.uri, fp, src.size, hmac_key)
+
+
+def header_of_bytes(uri: str, data: bytes, hmac_key: bytes) -> InstanceHeader:
+    """``read_header`` for a file already read into memory (a decode worker that reads each
+    file once: ``tasks.ingest.decode_item``); the same header, the same errors."""
+    if not hmac_key:
+        raise ValueError("the HMAC key must not be empty")
+    return _read(uri, io.BytesIO(data), len(data), hmac_key)
+
+
+def _read(uri: str, fp: BinaryIO, size: int | None, hmac_key: bytes) -> InstanceHeader:
     try:
         # pydicom warns with the offending value quoted (a UID holding a name, say); the
         # reason this module gives says what is wrong without it
-        with fp, warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            size = src.size if src.size is not None else _size_of(fp)
-            ds, has_preamble, guard = _parse(fp, size)
-            return _header(src.uri, ds, has_preamble, guard, hmac_key)
+            ds, has_preamble, guard = _parse(fp, size if size is not None else _size_of(fp))
+            return _header(uri, ds, has_preamble, guard, hmac_key)
     except (InputError, SkipReason):
         raise
     except OSError as exc:

@@ -186,11 +186,11 @@ class Crashing(ShardProcessor):
         self.calls = 0
         self.crash_at = crash_at
 
-    def collect(self, pending):
+    def collect(self, pending, lookup=None):
         self.calls += 1
         if self.calls == self.crash_at:
             raise RuntimeError("worker died mid-manifest")
-        return super().collect(pending)
+        return super().collect(pending, lookup)
 
 
 def test_a_worker_dying_mid_manifest_is_resumed_after_its_last_chunk(

@@ -66,12 +66,23 @@ def checkpoint(tmp_path_factory):
     return load_checkpoint(path)  # with the file's sha256, as a run registers it
 
 
+@pytest.fixture(autouse=True, params=["scanned here", "scanned by the workers"])
+def scan_mode(request, monkeypatch):
+    """Every test twice: files scanned before they go to the workers, and scanned by the
+    worker that reads them (``scan(..., in_workers=True)``: the planner then knows only their
+    URIs, and a copy is recognised after decoding, ``ShardProcessor.collect``)."""
+    monkeypatch.setitem(SCAN, "in_workers", request.param == "scanned by the workers")
+
+
+SCAN = {"in_workers": False}
+
+
 def screen(engine, checkpoint, paths: list[Path], *, shard_size=10, force=False, reduced=True):
     """One run of the shard loop (decoding in this process); returns its run id and tally."""
     run = open_run(
         engine, checkpoint, kind="reprocess", source="test", parameters={}, selection_policy={}
     )
-    items = list(scan([str(p) for p in paths], b"identity-key"))
+    items = list(scan([str(p) for p in paths], b"identity-key", in_workers=SCAN["in_workers"]))
     with ShardProcessor(checkpoint, device="cpu", workers=0, reduced=reduced) as processor:
         loop = ShardLoop(ShardSteps(run, processor, force=force))
         tally = loop.run(shards(items, shard_size))

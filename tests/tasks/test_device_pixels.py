@@ -396,22 +396,32 @@ def test_slot_sizes_come_from_the_header(synthetic):
 # -- the shard processor ------------------------------------------------------------------------
 
 
-def test_device_shard_processor_rows_equal_shard_processors(synthetic, tmp_path):
+@pytest.mark.parametrize("in_workers", [False, True], ids=["scanned here", "scanned by workers"])
+def test_device_shard_processor_rows_equal_shard_processors(synthetic, tmp_path, in_workers):
     """Workers in processes, buffers through a shared-memory arena, two shards in a row (the
-    second reuses the other arena): the same rows as ShardProcessor, the same scores."""
+    second reuses the other arena): the same rows as ShardProcessor, the same scores; also
+    when the device path's workers scan the files they read (arena slots then sized from the
+    files' sizes, ``slot_bytes``)."""
     root, _ = synthetic
     checkpoint = untrained_checkpoint(version="device-path", head_std=0.2, calibrate=True)
     items = list(scan([root], b"key"))
     half = len(items) // 2
     with ShardProcessor(checkpoint, device="cpu", workers=2, thumbnails_dir=tmp_path / "a") as p:
         expected = [p.process(items[:half]), p.process(items[half:])]
+    given = list(scan([root], b"key", in_workers=True)) if in_workers else items
     with DeviceShardProcessor(
         checkpoint, device="cpu", workers=2, thumbnails_dir=tmp_path / "b", handover="shm"
     ) as p:
-        got = [p.collect(p.submit(items[:half])), p.collect(p.submit(items[half:]))]
+        got = [p.collect(p.submit(given[:half])), p.collect(p.submit(given[half:]))]
         assert p.pool.handover == "shm"
+
+    def by_uri(rows):
+        return sorted(rows, key=lambda r: r["source_uri"])
+
     for e, g in zip(expected, got, strict=True):
-        assert g.counts == e.counts and g.instances == e.instances
+        assert g.counts == e.counts and by_uri(g.instances) == by_uri(e.instances)
+        e.outcomes, g.outcomes = by_uri(e.outcomes), by_uri(g.outcomes)
+        e.predictions, g.predictions = by_uri(e.predictions), by_uri(g.predictions)
         for a, b in zip(e.outcomes, g.outcomes, strict=True):
             assert a["reason"] == b["reason"]
             if a.get("facts") is not None:
