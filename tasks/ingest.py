@@ -22,9 +22,9 @@ import numpy as np
 from model.spec import PreprocessSpec
 from tasks.dicom import fingerprint, identity
 from tasks.dicom.discovery import DEFAULT_LIMITS, ArchiveLimits, SourceFile, discover
-from tasks.dicom.headers import InstanceHeader, header_of_bytes, read_header
+from tasks.dicom.headers import InstanceHeader, parse_bytes, read_header
 from tasks.dicom.outcomes import InputError, Outcome, SkipReason
-from tasks.dicom.pixels import preprocess
+from tasks.dicom.pixels import Parsed, preprocess, pydicom_warnings
 from tasks.dicom.selection import DEFAULT_POLICY, SelectionPolicy, select
 from tasks.dicom.sources import Source, guarded
 from tasks.dicom.thumbnails import write_thumbnail
@@ -100,9 +100,22 @@ def _scanned(
     return ScanItem(src, header)
 
 
-def scan_bytes(src: SourceFile, data: bytes, policy: SelectionPolicy, hmac_key: bytes) -> ScanItem:
-    """``scan_file`` for a file whose bytes were read already (once, by the decode worker)."""
-    return _scanned(src, lambda: header_of_bytes(src.uri, data, hmac_key), policy)
+def scan_bytes(
+    src: SourceFile, data: bytes, policy: SelectionPolicy, hmac_key: bytes
+) -> tuple[ScanItem, Parsed | None]:
+    """``scan_file`` for a file whose bytes were read already (once, by the decode worker),
+    parsed once: also the data set for the pixel path (None when the scan failed, or when the
+    file could not be parsed whole: the pixel path then parses it and says why)."""
+    parsed: list[Parsed] = []
+
+    def read() -> InstanceHeader:
+        header, ds, caught = parse_bytes(src.uri, data, hmac_key)
+        if ds is not None:
+            parsed.append(Parsed(ds, pydicom_warnings(caught)))
+        return header
+
+    item = _scanned(src, read, policy)
+    return item, parsed[0] if parsed else None
 
 
 @dataclass(frozen=True)
@@ -261,17 +274,19 @@ def decode_item(
     except Exception as exc:  # a reader bug must not stop the batch
         return Decoded(src.uri, error=f"unexpected error reading the file: {_exc(exc)}")
     header = None
+    source: bytes | Parsed = data
     if scan is not None:
         found = worker_scan(src, data, scan)
         if isinstance(found, Decoded):
             return found
-        header, (both_fingerprints, pixel_kind, stored_content_sha256) = found
+        header, source = found.header, found.parsed or data
+        both_fingerprints, pixel_kind, stored_content_sha256 = found.rule
         sop_instance_uid = header.sop_instance_uid
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pre = preprocess(
-                data,
+                source,
                 spec,
                 reduced=reduced,
                 thumbnail_size=thumbnail_size if thumbnails_dir else None,
@@ -306,14 +321,22 @@ def decode_item(
     return decoded
 
 
-def worker_scan(
-    src: SourceFile, data: bytes, scan: WorkerScan
-) -> Decoded | tuple[InstanceHeader, tuple[bool, str, str | None]]:
+@dataclass
+class Scanned:
+    """A selected file scanned by its worker: its header, the fingerprint arguments for its
+    UID from what the planner knows (both fingerprints, pixel kind, stored content hash), and
+    the data set parsed for the header scan, which the pixel path uses as it is."""
+
+    header: InstanceHeader
+    rule: tuple[bool, str, str | None]
+    parsed: Parsed | None  # None: not parsed whole (``scan_bytes``)
+
+
+def worker_scan(src: SourceFile, data: bytes, scan: WorkerScan) -> Decoded | Scanned:
     """A decode worker's scan of the file it read (``decode_item``'s ``scan``, and the device
     path's workers): a result that ends the file here (skipped or failed by the scan, or
-    already predicted from this URI), or its header and the fingerprint arguments for its
-    UID (both fingerprints, pixel kind, stored content hash) from what the planner knows."""
-    item = scan_bytes(src, data, scan.request.policy, scan.request.hmac_key)
+    already predicted from this URI), or what it needs to decode the file (:class:`Scanned`)."""
+    item, parsed = scan_bytes(src, data, scan.request.policy, scan.request.hmac_key)
     if item.outcome is not None:
         return Decoded(
             src.uri, header=item.header, scan_outcome=item.outcome, scan_reason=item.reason
@@ -324,9 +347,9 @@ def worker_scan(
         return Decoded(src.uri, header=header, already_done=True)
     stored = scan.stored.get(header.sop_instance_uid)
     if stored is None:
-        return header, (False, fingerprint.PIXELS, None)
+        return Scanned(header, (False, fingerprint.PIXELS, None), parsed)
     kind = stored[1] if stored[1] in fingerprint.PIXEL_KINDS else fingerprint.PIXELS
-    return header, (True, kind, stored[0])
+    return Scanned(header, (True, kind, stored[0]), parsed)
 
 
 def _exc(exc: BaseException) -> str:

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +45,6 @@ from tasks.dicom.decoders import PixelLayout, check_decodable, decode
 from tasks.dicom.discovery import SourceFile
 from tasks.dicom.outcomes import InputError
 from tasks.dicom.thumbnails import thumbnail_shape
-from tasks.dicom.values import safe_text
 from tasks.ingest import Decoded as Record
 from tasks.ingest import decode_item, identify, thumbnail_path_for, worker_scan
 
@@ -149,20 +146,22 @@ def prepare_item(
     out = Prepared(Record(src.uri))
     try:
         data = src.read_bytes()
+        parsed = None
         if args["scan"] is not None:  # not scanned yet: scan it from the bytes read
             found = worker_scan(src, data, args["scan"])
             if isinstance(found, Record):
                 return Prepared(found)  # skipped, failed or already predicted: ``settled``
-            out.record.header, (both, kind, stored) = found
+            out.record.header, parsed = found.header, found.parsed
+            both, kind, stored = found.rule
             args |= {
-                "sop_instance_uid": out.record.header.sop_instance_uid,
+                "sop_instance_uid": found.header.sop_instance_uid,
                 "both_fingerprints": both,
                 "pixel_kind": kind,
                 "stored_content_sha256": stored,
             }
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            known, span = _prepare(data, args, options, out)
+            known, span = _prepare(parsed or data, args, options, out)
             identify(
                 out.record,
                 data,
@@ -200,21 +199,14 @@ def _failed(out: Prepared, reason: str) -> Prepared:
     )
 
 
-def _read(data: bytes) -> tuple[Dataset, list[str]]:
-    """``pixels.read_dataset`` with pydicom's read warnings kept as ``preprocess`` keeps them."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ds = px.read_dataset(data)
-    kept = [
-        safe_text(re.sub(r"\s+in file \S.*$", "", " ".join(str(w.message).split())))
-        for w in caught
-        if f"{os.sep}pydicom{os.sep}" in (w.filename or "")
-    ][:10]
+def _read(data: bytes | px.Parsed) -> tuple[Dataset, list[str]]:
+    """The data set and pydicom's read warnings, as ``preprocess`` keeps them."""
+    ds, kept = data if isinstance(data, px.Parsed) else px.read_with_warnings(data)
     return ds, kept
 
 
 def _prepare(
-    data: bytes, args: dict[str, Any], options: Options, out: Prepared
+    data: bytes | px.Parsed, args: dict[str, Any], options: Options, out: Prepared
 ) -> tuple[str, tuple[int, int] | None]:
     """Fill ``out``; returns the content fingerprint the pixel path computed and, for a ``px1``
     of native pixel data, where that data lies in ``data`` (``fingerprint.native_span``)."""

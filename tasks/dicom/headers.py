@@ -3,6 +3,8 @@
 ``read_header`` parses a file with ``stop_before_pixels=True`` and ``specific_tags`` (elements
 that are not wanted are skipped by seeking, and nothing is decompressed) and returns an
 :class:`InstanceHeader`, or raises ``InputError`` with a reason a person can act on.
+``parse_bytes`` gives the same header (or error) from a file already in memory, parsed whole
+once, so that a decode worker reads and parses each file once for both the scan and the pixels.
 
 Identifiers:
 - PatientID is never kept: the record holds ``patient_id_hash`` = HMAC-SHA256(key, PatientID)
@@ -186,12 +188,36 @@ def read_header(src: InputFile, hmac_key: bytes) -> InstanceHeader:
         return _read(src.uri, fp, src.size, hmac_key)
 
 
-def header_of_bytes(uri: str, data: bytes, hmac_key: bytes) -> InstanceHeader:
-    """``read_header`` for a file already read into memory (a decode worker that reads each
-    file once: ``tasks.ingest.decode_item``); the same header, the same errors."""
+def parse_bytes(
+    uri: str, data: bytes, hmac_key: bytes
+) -> tuple[InstanceHeader, FileDataset | None, list[warnings.WarningMessage]]:
+    """One parse of a file's bytes for both the header scan and the pixel path (a decode
+    worker: ``tasks.ingest.decode_item``): the header ``read_header`` would return, with the
+    same errors, the whole data set (pixels included; None when parsing it whole failed, the
+    pixel path then says why), and what pydicom warned while reading it (for the pixel path's
+    facts: ``tasks.dicom.pixels.Parsed``).
+
+    A file that ends early, or that cannot be parsed whole, is scanned again by the header
+    scan's own parse (which stops before the pixel data), so that where it ends decides the
+    header's fate exactly as ``read_header`` decides it (rare: such files fail anyway)."""
     if not hmac_key:
         raise ValueError("the HMAC key must not be empty")
-    return _read(uri, io.BytesIO(data), len(data), hmac_key)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds, has_preamble, guard = _parse(io.BytesIO(data), len(data), whole=True)
+        except InputError:
+            return _read(uri, io.BytesIO(data), len(data), hmac_key), None, []
+    if guard.short_at is not None or _short_element(ds) is not None:
+        return _read(uri, io.BytesIO(data), len(data), hmac_key), ds, caught
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _header(uri, ds, has_preamble, guard, hmac_key), ds, caught
+    except (InputError, SkipReason):
+        raise
+    except OSError as exc:
+        raise InputError(f"cannot read the file: {exc.strerror or _exc_text(exc)}") from exc
 
 
 def _read(uri: str, fp: BinaryIO, size: int | None, hmac_key: bytes) -> InstanceHeader:
@@ -292,7 +318,8 @@ class _Guard:
         return None
 
 
-def _parse(fp: BinaryIO, size: int) -> tuple[FileDataset, bool, _Guard]:
+def _parse(fp: BinaryIO, size: int, whole: bool = False) -> tuple[FileDataset, bool, _Guard]:
+    """The header's elements (``whole``: every element, pixel data included)."""
     if size == 0:
         raise InputError("the file is empty (0 bytes)")
     fp.seek(0)
@@ -303,9 +330,9 @@ def _parse(fp: BinaryIO, size: int) -> tuple[FileDataset, bool, _Guard]:
     try:
         ds = pydicom.dcmread(
             guard,  # type: ignore[arg-type]
-            stop_before_pixels=True,
+            stop_before_pixels=not whole,
             force=not has_preamble,
-            specific_tags=list(HEADER_TAGS),
+            specific_tags=None if whole else list(HEADER_TAGS),
         )
     except Exception as exc:  # pydicom raises many types on malformed input
         raise InputError(_parse_failure(exc, has_preamble, guard)) from exc

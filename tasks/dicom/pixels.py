@@ -127,7 +127,8 @@ def preprocess(
 ) -> Preprocessed:
     """Turn one DICOM image into the tensor ``spec`` describes.
 
-    ``src`` is a path, the file's bytes, a binary file object or a ``pydicom.Dataset``.
+    ``src`` is a path, the file's bytes, a binary file object, a ``pydicom.Dataset`` or a
+    :class:`Parsed` data set (with its read warnings).
     ``reduced`` allows JPEG 2000 / baseline JPEG to be decoded at a reduced resolution that
     keeps at least ``reduce_margin`` x ``input_size`` pixels (and the thumbnail's size).
     ``thumbnail_size`` (long side, px) also returns an 8-bit thumbnail. ``max_pixels`` caps
@@ -136,18 +137,7 @@ def preprocess(
     Raises :class:`InputError` (the reason names tag, value and rule) for any file that cannot
     be used.
     """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ds = read_dataset(src)
-    # pydicom names the file in some warnings; the reason must not carry paths (they can hold
-    # patient names), so drop that part
-    # Only pydicom's own warnings describe the file; ``catch_warnings`` is process-wide, so
-    # others (a ResourceWarning from another thread, say) can land here too.
-    read_warnings = [
-        safe_text(redact(re.sub(r"\s+in file \S.*$", "", " ".join(str(w.message).split()))))
-        for w in caught
-        if f"{os.sep}pydicom{os.sep}" in (w.filename or "")
-    ][:10]
+    ds, read_warnings = src if isinstance(src, Parsed) else read_with_warnings(src)
     try:
         reduce_to = reduce_margin if reduced else None
         return _preprocess(
@@ -237,6 +227,40 @@ def _preprocess(
         fingerprint=content,
         pixel_span=span,
     )
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A data set already read (with what pydicom warned while reading it), for
+    :func:`preprocess`: a decode worker parses each file once, for its header scan and for the
+    pixel path (``tasks.dicom.headers.parse_bytes``)."""
+
+    dataset: Dataset
+    read_warnings: list[str]
+
+    def __iter__(self):
+        return iter((self.dataset, self.read_warnings))
+
+
+def read_with_warnings(src: Source) -> Parsed:
+    """``read_dataset``, keeping pydicom's read warnings as :func:`pydicom_warnings` words them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = read_dataset(src)
+    return Parsed(ds, pydicom_warnings(caught))
+
+
+def pydicom_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    """What pydicom warned while reading a file, as a file's facts and reasons quote it."""
+    # pydicom names the file in some warnings; the reason must not carry paths (they can hold
+    # patient names), so drop that part
+    # Only pydicom's own warnings describe the file; ``catch_warnings`` is process-wide, so
+    # others (a ResourceWarning from another thread, say) can land here too.
+    return [
+        safe_text(redact(re.sub(r"\s+in file \S.*$", "", " ".join(str(w.message).split()))))
+        for w in caught
+        if f"{os.sep}pydicom{os.sep}" in (w.filename or "")
+    ][:10]
 
 
 def to_uint8(image01: np.ndarray) -> np.ndarray:
