@@ -558,7 +558,7 @@ def time_split(corpus: Path, model: Path, work: Path, args, say: Report) -> None
 
             def timed_scan():
                 nonlocal scan_seconds
-                it = iter(scan([subset], b"bench-key"))
+                it = iter(scan([subset], b"bench-key", in_workers=True))  # as the flow
                 while True:
                     t0 = time.perf_counter()
                     try:
@@ -579,9 +579,9 @@ def time_split(corpus: Path, model: Path, work: Path, args, say: Report) -> None
             f"{path:6s}: {n} images in {wall:.1f}s ({n / wall:.0f} images/s in-process); "
             f"ms per image:"
         )
-        say(f"   header scan (main process)          {1000 * scan_seconds / n:8.2f}")
+        say(f"   listing files (main process)        {1000 * scan_seconds / n:8.2f}")
         say(
-            f"   decode workers' CPU (read, hash, parse, decode{', window, resize' if path == 'cpu' else ''})"
+            f"   decode workers' CPU (read, parse, header scan, hash, decode{', window, resize' if path == 'cpu' else ''})"
             f" {1000 * workers_cpu / n:8.2f} (CPU time, all workers)"
         )
         for name, seconds in sorted(times.items()):

@@ -141,7 +141,8 @@ def mode_ceiling(
     thumbs = thumbnails or None
     with ShardProcessor(ckpt, device="auto", workers=workers, thumbnails_dir=thumbs) as proc:
         pending = None
-        for shard in shards(scan([corpus], b"bench-key"), shard_size):
+        # the workers scan the files they read, as the flow's do
+        for shard in shards(scan([corpus], b"bench-key", in_workers=True), shard_size):
             nxt = proc.submit(shard)
             if pending is not None:
                 predicted += proc.collect(pending).counts["predicted"]

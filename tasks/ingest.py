@@ -156,9 +156,10 @@ def scan(
     ``newer_than`` (a POSIX time) keeps only local files that arrived later: their change or
     modification time on disk (an archive's members share the archive's times); it does not
     apply to a ``Source``'s entries (a PACS source chooses its studies by date itself).
-    ``in_workers``: local files are not read here; each comes with a :class:`ScanRequest`
+    ``in_workers``: files are not read here; each comes with a :class:`ScanRequest`
     (``ScanItem.deferred``) and the decode worker that reads it scans it (each file is read and
-    parsed once, and this process only lists files). A ``Source``'s entries are scanned here.
+    parsed once, and this process only lists files). An entry listed with an error (a file
+    that cannot be listed, a PACS retrieval that failed) gets its outcome here at once.
     """
     request = ScanRequest(policy, hmac_key) if in_workers else None
     listed = list(sources)
@@ -170,7 +171,7 @@ def scan(
         yield scan_item(src, policy, hmac_key, request)
     for source in others:
         for entry in guarded(source):
-            yield scan_file(entry, policy, hmac_key)  # type: ignore[arg-type]
+            yield scan_item(entry, policy, hmac_key, request)  # type: ignore[arg-type]
 
 
 def _arrived(src: SourceFile) -> float:
