@@ -329,7 +329,7 @@ class Scanned:
     the data set parsed for the header scan, which the pixel path uses as it is."""
 
     header: InstanceHeader
-    rule: tuple[bool, str, str | None]
+    rule: Rule
     parsed: Parsed | None  # None: not parsed whole (``scan_bytes``)
 
 
@@ -346,11 +346,28 @@ def worker_scan(src: SourceFile, data: bytes, scan: WorkerScan) -> Decoded | Sca
     assert header is not None  # a selected file has its header
     if header.sop_instance_uid == scan.predicted_uid:
         return Decoded(src.uri, header=header, already_done=True)
-    stored = scan.stored.get(header.sop_instance_uid)
+    return Scanned(header, fingerprint_rule(scan.stored.get(header.sop_instance_uid)), parsed)
+
+
+Rule = tuple[bool, str, str | None]
+"""``decode_item``'s fingerprint arguments: both fingerprints, pixel kind, stored content hash."""
+
+
+def fingerprint_rule(stored: tuple[str, str] | None, unsettled: bool = False) -> Rule:
+    """``decode_item``'s fingerprint arguments for a file, from what is known of its UID:
+    ``stored`` (content hash, pixel fingerprint scheme: ``sql.predictions.StoredIdentity``) when
+    an instance with it is stored, ``unsettled`` when another file with it may not be stored
+    yet (in the same shard, or in one whose write is in flight). Both fingerprints when another
+    copy may exist (unless the file has the stored content hash: ``identify``), in the stored
+    pixel kind (``px1`` for instances stored before 2026-11-29), else today's."""
+    kind = fingerprint.PIXELS
+    if stored is not None and stored[1] in fingerprint.PIXEL_KINDS:
+        kind = stored[1]
+    if unsettled:
+        return True, kind, None
     if stored is None:
-        return Scanned(header, (False, fingerprint.PIXELS, None), parsed)
-    kind = stored[1] if stored[1] in fingerprint.PIXEL_KINDS else fingerprint.PIXELS
-    return Scanned(header, (True, kind, stored[0]), parsed)
+        return False, kind, None
+    return True, kind, stored[0]
 
 
 def _exc(exc: BaseException) -> str:

@@ -32,7 +32,15 @@ from tasks.decode_pool import DecodeJob, DecodePool, default_workers
 from tasks.dicom import fingerprint
 from tasks.dicom.headers import InstanceHeader
 from tasks.dicom.outcomes import Outcome
-from tasks.ingest import NO_HEADER_REASON, THUMBNAIL_SIZE, Decoded, ScanItem, WorkerScan
+from tasks.ingest import (
+    NO_HEADER_REASON,
+    THUMBNAIL_SIZE,
+    Decoded,
+    Rule,
+    ScanItem,
+    WorkerScan,
+    fingerprint_rule,
+)
 from tasks.interrupts import held, signal_name
 
 #: Shards whose UIDs ``ShardProcessor.submit`` remembers: the writes of the shards just before
@@ -243,14 +251,8 @@ class ShardProcessor:
             )
             return (item.source, None, *common, False, fingerprint.PIXELS, None, scan)
         uid = h.sop_instance_uid
-        return (
-            item.source,
-            uid,
-            *common,
-            uid in unsettled or uid in skip.stored,
-            skip.pixel_kind(uid),
-            None if uid in unsettled else skip.content_sha256(uid),
-        )
+        rule = fingerprint_rule(skip.stored.get(uid), uid in unsettled)
+        return (item.source, uid, *common, *rule)
 
     def collect(self, pending: PendingShard, lookup: StoredLookup | None = None) -> ShardRows:
         """Wait for a shard's decoding, score its images in batches, build its rows.
@@ -329,7 +331,7 @@ class ShardProcessor:
         again: list[tuple[Decoded, tuple]] = []
         for item, h, dec, args in ready:
             uid = h.sop_instance_uid
-            want = _fingerprint_rule(uid, unsettled, stored)
+            want = fingerprint_rule(stored.get(uid), uid in unsettled)
             if _lacks(dec, want, _used(args, uid)):
                 again.append(
                     (
@@ -367,34 +369,13 @@ class ShardProcessor:
 StoredLookup = Callable[[list[str]], dict[str, StoredIdentity]]
 """``lookup(sop_uids)``: the stored identity of those of ``sop_uids`` stored as instances."""
 
-Rule = tuple[bool, str, str | None]
-"""``decode_item``'s fingerprint arguments: both fingerprints, pixel kind, stored content hash."""
-
-
-def _fingerprint_rule(uid: str, unsettled: set[str], stored: dict[str, StoredIdentity]) -> Rule:
-    """``submit``'s rule for one UID: both fingerprints when another copy may exist (in
-    flight, or stored with a content hash this file may not have), in the stored pixel kind."""
-    known = stored.get(uid)
-    kind = fingerprint.PIXELS
-    if known is not None and known.pixel_scheme in fingerprint.PIXEL_KINDS:
-        kind = known.pixel_scheme
-    if uid in unsettled:
-        return True, kind, None
-    if known is None:
-        return False, kind, None
-    return True, kind, known.content_sha256
-
 
 def _used(args: tuple, uid: str) -> Rule:
     """The rule a worker applied to a file (``decode_item``'s arguments, or its ``scan``)."""
     scan = args[9] if len(args) > 9 else None
     if scan is None:
         return bool(args[6]), args[7], args[8]
-    known = scan.stored.get(uid)
-    if known is None:
-        return False, fingerprint.PIXELS, None
-    kind = known[1] if known[1] in fingerprint.PIXEL_KINDS else fingerprint.PIXELS
-    return True, kind, known[0]
+    return fingerprint_rule(scan.stored.get(uid))
 
 
 def _lacks(dec: Decoded, want: Rule, used: Rule) -> bool:
@@ -537,20 +518,6 @@ class ShardPlan(frozenset):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (ShardPlan, (tuple(self), self.stored, self.predicted_at, self.known_at))
-
-    @property
-    def seen_uids(self) -> frozenset[str]:
-        return frozenset(self.stored)
-
-    def pixel_kind(self, uid: str) -> str:
-        """The kind of pixel fingerprint to compute for a file with SOP Instance UID ``uid``:
-        the stored instance's when it has a pixel fingerprint of a known kind, else today's."""
-        scheme = self.stored[uid].pixel_scheme if uid in self.stored else ""
-        return scheme if scheme in fingerprint.PIXEL_KINDS else fingerprint.PIXELS
-
-    def content_sha256(self, uid: str) -> str | None:
-        """The content hash stored for ``uid`` (None when it is not stored)."""
-        return self.stored[uid].content_sha256 if uid in self.stored else None
 
 
 def plan_skips(
