@@ -48,6 +48,16 @@ def prefect_harness():
         yield
 
 
+@pytest.fixture(scope="session")
+def prefect_api_url(prefect_harness) -> str:
+    """The URL of that server, for ``cxr-screen`` subprocesses to report to, so that each of
+    them does not start a temporary server of its own (~10 s of every command on 2 cores).
+    Tests about the command's own temporary server leave PREFECT_API_URL unset instead."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads_do_not_leak():
     """A test that sets torch's thread count (training, the decode pool's inference limit)

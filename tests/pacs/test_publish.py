@@ -179,11 +179,12 @@ def cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: f
     )
 
 
-def screen(folder: Path, model: Path, url: str, home: Path) -> dict:
+def screen(folder: Path, model: Path, url: str, home: Path, api_url: str) -> dict:
+    """A real `cxr-screen screen` run, reporting to the session's Prefect server."""
     done = cli(
         "screen", str(folder), "--model", str(model), "--db", url, "--workers", "0",
         "--device", "cpu", "--json",
-        env={"CXR_SCREEN_HOME": str(home)},
+        env={"CXR_SCREEN_HOME": str(home), "PREFECT_API_URL": api_url},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -207,11 +208,11 @@ class Corpus:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Corpus:
+def corpus(tmp_path_factory, prefect_api_url) -> Corpus:
     c = Corpus(tmp_path_factory.mktemp("publish"))
     url = f"sqlite:///{c.template}"
     for model in (c.model_a, c.model_b):
-        summary = screen(c.folder, model, url, c.root / "home")
+        summary = screen(c.folder, model, url, c.root / "home", prefect_api_url)
         assert summary["predicted"] == len(c.files)
     return c
 
@@ -442,9 +443,12 @@ def test_comprehensive_sr_fallback_and_a_stow_with_content_length(httpserver, co
 # --- the command line, on PostgreSQL ------------------------------------------------------------
 
 
-def test_screen_write_back_then_the_publish_command_on_postgresql(pacs, corpus, pg_url, tmp_path):
+def test_screen_write_back_then_the_publish_command_on_postgresql(
+    pacs, corpus, pg_url, tmp_path, prefect_api_url
+):
     pacs.upload_files(f.path for f in corpus.files)
     env = {
+        "PREFECT_API_URL": prefect_api_url,
         "CXR_SCREEN_HOME": str(tmp_path / "home"),
         "CXR_SCREEN_PACS__ORTHANC__URL": pacs.dicomweb_url,
         "CXR_SCREEN_PACS__ORTHANC__USERNAME": pacs.username,

@@ -437,7 +437,7 @@ def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path):
 
 
 def test_storescu_x4_to_listen_to_nightly_predicts_1000_instances_exactly_once(
-    tmp_path, sqlite_url
+    tmp_path, sqlite_url, prefect_api_url
 ):
     _require_dcmtk()
     src, drop = tmp_path / "src", tmp_path / "drop"
@@ -478,7 +478,12 @@ def test_storescu_x4_to_listen_to_nightly_predicts_1000_instances_exactly_once(
     assert len(visible_files(drop)) == 1000
 
     model = make_model(tmp_path / "model.pt", "push-1", 0, name="push")
-    env = {**os.environ, "CXR_SCREEN_HOME": str(tmp_path / "home")}
+    # the session's Prefect server: not a temporary one per command
+    env = {
+        **os.environ,
+        "CXR_SCREEN_HOME": str(tmp_path / "home"),
+        "PREFECT_API_URL": prefect_api_url,
+    }
 
     def nightly() -> dict:
         done = subprocess.run(

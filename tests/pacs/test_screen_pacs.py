@@ -39,16 +39,6 @@ SCORE_TOLERANCE = 1e-6
 
 
 @pytest.fixture(scope="module")
-def prefect_api_url() -> Iterator[str]:
-    """One temporary Prefect server for the module's CLI processes (not one each)."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=None):
-        yield PREFECT_API_URL.value()
-
-
-@pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     return make_model(tmp_path_factory.mktemp("model") / "model.pt")
 

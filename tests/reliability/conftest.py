@@ -1,4 +1,5 @@
-"""Fixtures for the reliability tests: a Prefect API for CLI subprocesses, a model, databases."""
+"""Fixtures for the reliability tests: a model, databases (the Prefect API that CLI subprocesses
+report to, ``prefect_api_url``, is the session's, from tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -9,23 +10,33 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from reliability_support import make_model
-
-
-@pytest.fixture(scope="session")
-def prefect_api_url() -> Iterator[str]:
-    """A temporary Prefect server (started once) that the CLI processes under test report to,
-    so that each of them does not start its own; its database holds their logs and artifacts."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=None):
-        yield PREFECT_API_URL.value()
+from reliability_support import cli_env, make_model, result_rows, run_cli, write_corpus
+from support import scratch_postgres_database
 
 
 @pytest.fixture(scope="session")
 def model_path(tmp_path_factory) -> Path:
     return make_model(tmp_path_factory.mktemp("model") / "model.pt")
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, prefect_api_url, model_path) -> Iterator[dict]:
+    """``write_corpus``'s 74 files screened once without interruption (shards of 3, one decode
+    worker) into a fresh PostgreSQL database: the rows the crash and the outage tests must end
+    with. Shared, so that the corpus and its reference run are made once, not once per test;
+    those tests run the command with the same corpus and home (``env``: same key, same
+    thumbnails) and never write to this database."""
+    root = tmp_path_factory.mktemp("reference-run")
+    corpus = root / "corpus"
+    n_files = write_corpus(corpus)
+    env = cli_env(root / "home", prefect_api_url)
+    with scratch_postgres_database() as url:
+        args = ["screen", str(corpus), "--model", str(model_path), "--shard-size", "3"]
+        done = run_cli([*args, "--workers", "1", "--db", url], env, root / "ref", timeout=900)
+        assert done.returncode == 0, done.stderr[-2000:]
+        rows = result_rows(url)
+        assert len(rows["file_outcomes"]) == n_files
+        yield {"corpus": corpus, "n_files": n_files, "env": env, "rows": rows, "root": root}
 
 
 @pytest.fixture

@@ -213,9 +213,12 @@ def test_a_schema_that_differs_is_named_with_what_to_run_before_the_run_row(
 
 
 @pytest.mark.timeout(300)
-def test_a_file_named_on_the_command_line_is_screened_whatever_its_name(model, tmp_path):
+def test_a_file_named_on_the_command_line_is_screened_whatever_its_name(
+    model, tmp_path, prefect_api_url
+):
     """An image called DICOMDIR and a hidden .dcm are left out of a folder's walk, but named
-    explicitly they are screened."""
+    explicitly they are screened. (A whole run: it reports to the session's Prefect server
+    rather than starting a temporary one, ~10 s.)"""
     src = tmp_path / "src"
     synth.write_corpus(src, 1, seed=42, size_range=(96, 128), lateral_fraction=0.0)
     (src / "labels.csv").unlink()
@@ -228,7 +231,7 @@ def test_a_file_named_on_the_command_line_is_screened_whatever_its_name(model, t
     url = f"sqlite:///{tmp_path / 'results.db'}"
     result = run_cli(
         ["screen", str(src), *map(str, named), "--model", str(model), "--db", url],
-        env_for(tmp_path),
+        cli_env(tmp_path / "home", prefect_api_url),
         tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -25,14 +25,12 @@ import sqlalchemy as sa
 from reliability_support import (
     Cli,
     Watcher,
-    cli_env,
     consistency_problems,
     differences,
     group_members,
     process_alive,
     result_rows,
     run_cli,
-    write_corpus,
 )
 
 # The planned kill points of the 20 trials (20 kills are required; a trial whose process ends
@@ -100,20 +98,14 @@ def kill_at(cli: Cli, watcher: Watcher, plan: str, rng: random.Random, before: i
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # 21+ kill-and-resume trials: minutes on a busy 2-core machine
 def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(
-    tmp_path, pg_database, prefect_api_url, model_path
+    tmp_path, pg_url, reference_run, model_path
 ):
-    crashed_url, another = pg_database
-    reference_url = another()
-    corpus = tmp_path / "corpus"
-    n_files = write_corpus(corpus)
-    env = cli_env(tmp_path / "home", prefect_api_url)  # one home: same thumbnails, same key
+    crashed_url = pg_url
+    # The uninterrupted run of the same command (conftest.reference_run, shared with the
+    # outage test): same corpus, one home (same thumbnails, same key).
+    corpus, n_files, env = reference_run["corpus"], reference_run["n_files"], reference_run["env"]
     args = ["--model", str(model_path), "--shard-size", "3", "--workers", "1"]
-
-    reference = run_cli(
-        ["screen", str(corpus), *args, "--db", reference_url], env, tmp_path / "ref", timeout=900
-    )
-    assert reference.returncode == 0, reference.stderr[-2000:]
-    expected = result_rows(reference_url)
+    expected = reference_run["rows"]
     assert len(expected["file_outcomes"]) == n_files
 
     rng = random.Random(20240607)

@@ -13,12 +13,10 @@ from reliability_support import (
     Cli,
     PrivateCluster,
     Watcher,
-    cli_env,
     consistency_problems,
     differences,
     result_rows,
     run_cli,
-    write_corpus,
 )
 
 
@@ -50,14 +48,13 @@ def flow_run_logs(flow_run_id: str) -> list[str]:
 
 @pytest.mark.slow
 def test_postgresql_restart_mid_shard_is_retried_and_the_run_completes(
-    tmp_path, cluster, pg_url, prefect_api_url, model_path
+    tmp_path, cluster, reference_run, model_path
 ):
-    corpus = tmp_path / "corpus"
-    n_files = write_corpus(corpus)
-    env = cli_env(tmp_path / "home", prefect_api_url)
+    # An undisturbed run of the same corpus (conftest.reference_run, shared with the crash
+    # test), with the same home: same thumbnails, same key.
+    corpus, n_files, env = reference_run["corpus"], reference_run["n_files"], reference_run["env"]
+    expected = reference_run["rows"]
     args = ["screen", str(corpus), "--model", str(model_path), "--shard-size", "3"]
-    reference = run_cli([*args, "--db", pg_url], env, tmp_path / "ref")
-    assert reference.returncode == 0, reference.stderr[-2000:]
 
     url = cluster.url.rsplit("/", 1)[0] + "/results"
     admin = sa.create_engine(cluster.url, isolation_level="AUTOCOMMIT")
@@ -88,7 +85,7 @@ def test_postgresql_restart_mid_shard_is_retried_and_the_run_completes(
     finished = cli.wait(timeout=900)
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert not consistency_problems(url)
-    assert not differences(result_rows(pg_url), result_rows(url))
+    assert not differences(expected, result_rows(url))
 
     engine = sa.create_engine(url)
     with engine.connect() as conn:
@@ -103,4 +100,4 @@ def test_postgresql_restart_mid_shard_is_retried_and_the_run_completes(
 
     again = run_cli([*args, "--db", url], env, tmp_path / "again")
     assert again.returncode == 0, again.stderr[-2000:]
-    assert not differences(result_rows(pg_url), result_rows(url))
+    assert not differences(expected, result_rows(url))

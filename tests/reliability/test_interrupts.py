@@ -103,8 +103,10 @@ def setup(tmp_path_factory) -> Setup:
 
 
 @pytest.fixture(scope="module")
-def reference(setup, tmp_path_factory):
-    """The rows of an uninterrupted run, per database kind (made when first asked for)."""
+def reference(setup, tmp_path_factory, prefect_api_url):
+    """The rows of an uninterrupted run, per database kind (made when first asked for). The
+    reference run reports to the session's Prefect server: its rows are what is compared, and
+    a temporary server of its own would add ~10 s to it (the trials keep theirs)."""
     made: dict[str, dict] = {}
     with contextlib.ExitStack() as stack:
 
@@ -116,7 +118,8 @@ def reference(setup, tmp_path_factory):
                     if dialect == "sqlite"
                     else stack.enter_context(scratch_postgres_database())
                 )
-                done = run_cli(setup.args(url), setup.env(f"ref-{uuid.uuid4().hex}"), work, 600)
+                env = {**setup.env(f"ref-{uuid.uuid4().hex}"), "PREFECT_API_URL": prefect_api_url}
+                done = run_cli(setup.args(url), env, work, 600)
                 assert done.returncode == 0, done.stderr[-3000:]
                 made[dialect] = result_rows(url)
                 assert len(made[dialect]["file_outcomes"]) == setup.n_files

@@ -92,11 +92,11 @@ def _serve(backend: str, url: str, home: Path, **settings) -> Iterator[dict]:
 
 
 @pytest.fixture(scope="session", params=BACKENDS)
-def screened(request, corpus, tmp_path_factory) -> Iterator[dict]:
+def screened(request, corpus, tmp_path_factory, prefect_api_url) -> Iterator[dict]:
     """The corpus screened by `cxr-screen screen` into a fresh database, with two logins."""
     folder = tmp_path_factory.mktemp(f"web-{request.param}")
     with _database(request.param, folder) as url:
-        summary = screen(corpus["tree"], corpus["model"], url, folder)
+        summary = screen(corpus["tree"], corpus["model"], url, folder, prefect_api_url)
         assert summary["predicted"] > 0
         _users(url)
         yield {"url": url, "home": folder / "cxr", "backend": request.param, "summary": summary}

@@ -91,11 +91,12 @@ def make_web_model(path: Path, version: str = "web-1", threshold: float = THRESH
     return path
 
 
-def screen(tree: Path, model: Path, url: str, home: Path) -> dict[str, Any]:
-    """A real `cxr-screen screen` run (its own temporary Prefect server)."""
+def screen(tree: Path, model: Path, url: str, home: Path, api_url: str) -> dict[str, Any]:
+    """A real `cxr-screen screen` run, reporting to the Prefect server at ``api_url`` (the
+    session's: a temporary server per command would add ~10 s to each)."""
     proc = subprocess.run(
         [CLI, "screen", str(tree), "--model", str(model), "--db", url, "--json", "--workers", "0"],
-        env=cli_env(home, "web-test-key"),
+        env={**cli_env(home, "web-test-key"), "PREFECT_API_URL": api_url},
         capture_output=True,
         text=True,
         timeout=600,
