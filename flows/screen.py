@@ -290,7 +290,7 @@ def screen_on(
                 settings.hmac_secret(),
                 policy,
                 newer_than=params.newer_than,
-                in_workers=processor.scans_in_workers,
+                in_workers=True,  # the decode workers scan the files they read
             )
             loop.run(shards(items, settings.shard_size))
             partial = pacs_run.record_partials(engine, retrievals, run.run_id) if retrievals else {}

@@ -379,8 +379,7 @@ def screen_manifest(
             aggregation=p.get("aggregation", "max"),
             then=progress.record,
         )
-        # the workers scan the files they read (each file is read once), where they can
-        request = ScanRequest(policy, hmac_key) if processor.scans_in_workers else None
+        request = ScanRequest(policy, hmac_key)  # the workers scan the files they read
         chunks = (
             [scan_item(from_record(r), policy, hmac_key, request) for r in chunk]
             for chunk in batches(remaining, int(p.get("shard_size", 256)))

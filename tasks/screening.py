@@ -173,10 +173,6 @@ class ShardProcessor:
         # known only then)
         self._collected_uids: deque[frozenset[str]] = deque(maxlen=RECENT_SHARDS)
 
-    #: Whether ``submit`` takes files not scanned yet (``ScanItem.deferred``): its workers
-    #: scan them, and each file is read once.
-    scans_in_workers = True
-
     def __enter__(self) -> ShardProcessor:
         self._pool = DecodePool(self.workers)
         if self.workers > 0:
