@@ -199,12 +199,6 @@ def _failed(out: Prepared, reason: str) -> Prepared:
     )
 
 
-def _read(data: bytes | px.Parsed) -> tuple[Dataset, list[str]]:
-    """The data set and pydicom's read warnings, as ``preprocess`` keeps them."""
-    ds, kept = data if isinstance(data, px.Parsed) else px.read_with_warnings(data)
-    return ds, kept
-
-
 def _prepare(
     data: bytes | px.Parsed, args: dict[str, Any], options: Options, out: Prepared
 ) -> tuple[str, tuple[int, int] | None]:
@@ -213,7 +207,7 @@ def _prepare(
     spec = PreprocessSpec.from_dict(args["spec_dict"])
     reduced = bool(args.get("reduced", True))
     size = args.get("thumbnail_size") if args.get("thumbnails_dir") else None
-    ds, out.read_warnings = _read(data)
+    ds, out.read_warnings = px.read_with_warnings(data)
     facts: dict[str, Any] = {"spec_sha256": spec.sha256}
     if out.read_warnings:
         facts["read_warnings"] = out.read_warnings

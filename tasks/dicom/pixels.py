@@ -55,7 +55,7 @@ import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 from pydicom import dcmread
@@ -137,7 +137,7 @@ def preprocess(
     Raises :class:`InputError` (the reason names tag, value and rule) for any file that cannot
     be used.
     """
-    ds, read_warnings = src if isinstance(src, Parsed) else read_with_warnings(src)
+    ds, read_warnings = read_with_warnings(src)
     try:
         reduce_to = reduce_margin if reduced else None
         return _preprocess(
@@ -229,8 +229,7 @@ def _preprocess(
     )
 
 
-@dataclass(frozen=True)
-class Parsed:
+class Parsed(NamedTuple):
     """A data set already read (with what pydicom warned while reading it), for
     :func:`preprocess`: a decode worker parses each file once, for its header scan and for the
     pixel path (``tasks.dicom.headers.parse_bytes``)."""
@@ -238,12 +237,12 @@ class Parsed:
     dataset: Dataset
     read_warnings: list[str]
 
-    def __iter__(self):
-        return iter((self.dataset, self.read_warnings))
 
-
-def read_with_warnings(src: Source) -> Parsed:
-    """``read_dataset``, keeping pydicom's read warnings as :func:`pydicom_warnings` words them."""
+def read_with_warnings(src: Source | Parsed) -> Parsed:
+    """``read_dataset``, keeping pydicom's read warnings as :func:`pydicom_warnings` words them
+    (a data set read already is returned as it is)."""
+    if isinstance(src, Parsed):
+        return src
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ds = read_dataset(src)
