@@ -7,7 +7,9 @@ concerns one file raises out of these functions.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import itertools
 import os
 import stat
@@ -331,6 +333,18 @@ class Scanned:
     header: InstanceHeader
     rule: Rule
     parsed: Parsed | None  # None: not parsed whole (``scan_bytes``)
+
+
+@functools.cache
+def _decode_item_signature() -> inspect.Signature:
+    return inspect.signature(decode_item)
+
+
+def call_arguments(call: tuple) -> dict[str, Any]:
+    """``decode_item``'s arguments by name (defaults filled in) from its positional tuple."""
+    bound = _decode_item_signature().bind(*call)
+    bound.apply_defaults()
+    return dict(bound.arguments)
 
 
 def worker_scan(src: SourceFile, data: bytes, scan: WorkerScan) -> Decoded | Scanned:

@@ -39,6 +39,7 @@ from tasks.ingest import (
     Rule,
     ScanItem,
     WorkerScan,
+    call_arguments,
     fingerprint_rule,
 )
 from tasks.interrupts import held, signal_name
@@ -368,10 +369,10 @@ StoredLookup = Callable[[list[str]], dict[str, StoredIdentity]]
 
 def _used(args: tuple, uid: str) -> Rule:
     """The rule a worker applied to a file (``decode_item``'s arguments, or its ``scan``)."""
-    scan = args[9] if len(args) > 9 else None
-    if scan is None:
-        return bool(args[6]), args[7], args[8]
-    return fingerprint_rule(scan.stored.get(uid))
+    named = call_arguments(args)
+    if named["scan"] is not None:
+        return fingerprint_rule(named["scan"].stored.get(uid))
+    return named["both_fingerprints"], named["pixel_kind"], named["stored_content_sha256"]
 
 
 def _lacks(dec: Decoded, want: Rule, used: Rule) -> bool:

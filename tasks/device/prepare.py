@@ -27,8 +27,6 @@ only a pixel-less copy of the few header attributes the display table needs
 
 from __future__ import annotations
 
-import functools
-import inspect
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +44,7 @@ from tasks.dicom.discovery import SourceFile
 from tasks.dicom.outcomes import InputError
 from tasks.dicom.thumbnails import thumbnail_shape
 from tasks.ingest import Decoded as Record
-from tasks.ingest import decode_item, identify, thumbnail_path_for, worker_scan
+from tasks.ingest import call_arguments, identify, thumbnail_path_for, worker_scan
 
 TABLE_KEYWORDS = (
     "PhotometricInterpretation",
@@ -115,18 +113,6 @@ class Options:
     device_syntaxes: frozenset[str] = frozenset()  # handed over as FRAME
     max_pixels: int = px.DEFAULT_MAX_PIXELS
     reduce_margin: float = px.REDUCED_MARGIN
-
-
-@functools.cache
-def _decode_item_signature() -> inspect.Signature:
-    return inspect.signature(decode_item)
-
-
-def call_arguments(call: tuple) -> dict[str, Any]:
-    """``decode_item``'s arguments by name (defaults filled in) from its positional tuple."""
-    bound = _decode_item_signature().bind(*call)
-    bound.apply_defaults()
-    return dict(bound.arguments)
 
 
 def prepare_item(
